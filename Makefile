@@ -1,0 +1,26 @@
+# Two entry points for a fresh machine (both idempotent):
+#   make serve   set everything up, then run the main job on the embedded default
+#   make test    set everything up, then run lint and the test suite
+PY := .venv/bin/python
+VENV_STAMP := .venv/.installed
+
+.PHONY: setup serve demo test lint bench clean-venv
+
+$(VENV_STAMP): pyproject.toml scripts/setup_venv.sh
+	bash scripts/setup_venv.sh
+	touch $(VENV_STAMP)
+
+setup: $(VENV_STAMP)
+	.venv/bin/sift-serve models fetch
+	.venv/bin/sift-serve index build --default
+
+serve demo: setup
+	.venv/bin/sift-serve select --index default "How do I read a CSV file and iterate over its rows?" -n 10
+
+test: $(VENV_STAMP)
+	.venv/bin/sift-serve models fetch
+	.venv/bin/ruff check .
+	.venv/bin/python -m pytest -q -ra
+
+bench: setup
+	$(PY) -m benchmarks.selection_speed

@@ -1,0 +1,1 @@
+"""Benchmarks: selection speed (and later trainer, latency, quality); results as JSON under results/."""

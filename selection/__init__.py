@@ -1,0 +1,6 @@
+"""Selection: which documents to train on for a prompt (SIFT and baselines), embeddings, the Faiss index."""
+
+from selection.rules import METHODS
+from selection.select import Selection, select, select_batch
+
+__all__ = ["METHODS", "Selection", "select", "select_batch"]

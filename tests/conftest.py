@@ -1,0 +1,83 @@
+"""Shared fixtures: real embedders and tokenizers from packages, small real corpora, tiny random models."""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+SMALL_CORPUS_FILES = ["glob.py", "fnmatch.py", "shlex.py", "csv.py", "bisect.py", "heapq.py"]
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct (`sift-serve models fetch` runs before the tests)."""
+    from selection.config import default_cache_dir
+    from selection.models import fetch_default_model
+
+    return fetch_default_model(default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from selection.embed import load_embedder
+
+    return load_embedder("minilm", None)
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """A folder of real text: a few standard-library modules, plus an exact duplicate of one of them."""
+    root = tmp_path_factory.mktemp("corpus")
+    for name in SMALL_CORPUS_FILES:
+        (root / name).write_text((STDLIB / name).read_text())
+    (root / "copy_of_csv.py").write_text((STDLIB / "csv.py").read_text())
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_index(small_corpus, tmp_path_factory, minilm, tokenizer):
+    from selection.corpus import chunk_documents, read_corpus
+    from selection.index import CorpusIndex
+
+    out = tmp_path_factory.mktemp("index") / "idx"
+    chunks = chunk_documents(read_corpus(small_corpus), tokenizer, 128)
+    index = CorpusIndex.build(
+        chunks, out, minilm, tokenizer_name="smollm2", chunk_tokens=128, chunk_overlap=0, progress=False
+    )
+    yield index
+    index.close()
+
+
+def tiny_llama_dir(path: Path, seed: int = 0, vocab_size: int = 512) -> Path:
+    """A tiny randomly initialised Llama saved with the default model's tokenizer, for fast unit tests."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from selection.config import default_cache_dir
+    from selection.models import fetch_default_model
+
+    tok = AutoTokenizer.from_pretrained(fetch_default_model(default_cache_dir()))
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
