@@ -93,6 +93,17 @@ def search_abs(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndar
     return out_rows, out_scores
 
 
+def retrieve(index: faiss.Index, embeddings: np.ndarray, queries: np.ndarray, k: int) -> Candidates:
+    """Top-k by |cos| from `index`, with the candidates' vectors read from `embeddings` (row-aligned)."""
+    rows, scores = search_abs(index, queries, k)
+    vectors = np.zeros((*rows.shape, embeddings.shape[1]), dtype=np.float32)
+    valid = rows >= 0
+    flat = np.unique(rows[valid])
+    lookup = np.searchsorted(flat, rows[valid])
+    vectors[valid] = np.asarray(embeddings[flat])[lookup]
+    return Candidates(rows=rows, scores=scores, vectors=vectors)
+
+
 def _text_hash(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
@@ -224,13 +235,7 @@ class CorpusIndex:
             raise ValueError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")
         if not np.isfinite(queries).all():
             raise ValueError("query embeddings contain NaN or infinite values")
-        rows, scores = search_abs(self.index, queries, k)
-        vectors = np.zeros((*rows.shape, self.dim), dtype=np.float32)
-        valid = rows >= 0
-        flat = np.unique(rows[valid])
-        lookup = np.searchsorted(flat, rows[valid])
-        vectors[valid] = np.asarray(self.embeddings[flat])[lookup]
-        return Candidates(rows=rows, scores=scores, vectors=vectors)
+        return retrieve(self.index, self.embeddings, queries, k)
 
     def close(self) -> None:
         self.store.close()

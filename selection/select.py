@@ -100,7 +100,7 @@ def select_batch(
     *,
     keys: Sequence[Sequence[Hashable]] | None = None,
     seed: int = 0,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype | None = None,
 ) -> list[Selection]:
     """Select up to `n` candidates for each of B prompts at once.
 
@@ -108,7 +108,8 @@ def select_batch(
     (K_b, d) tensors. Embeddings are used as given (no normalisation). With `alpha`, a prompt stops
     before pick n as soon as sigma_n > 1 / (alpha * n) (compute-proportional stopping); the pick that
     violates the rule is not returned. `keys` (per prompt, per candidate) define duplicates for `nn_f`;
-    `seed` drives `random`. The arithmetic runs in `dtype` on the candidates' device.
+    `seed` drives `random`. The arithmetic runs on the candidates' device in `dtype` (default: the
+    embeddings' own dtype; float64 inputs get float64 throughout).
     """
     _check_scalars(n, method, lambda_, alpha)
     target_items = _as_batch(targets, "target", vector_dim=2)
@@ -119,41 +120,49 @@ def select_batch(
         if t.shape[1] != c.shape[1]:
             raise ValueError(f"prompt {b}: target dimension {t.shape[1]} != candidate dimension {c.shape[1]}")
     device = candidate_items[0].device
+    embedding_dtype = torch.promote_types(target_items[0].dtype, candidate_items[0].dtype)
+    dtype = dtype or embedding_dtype
     t_pad, t_mask = _pad(target_items, dtype, device)
     c_pad, c_mask = _pad(candidate_items, dtype, device)
 
-    kernel = ConditionedKernel(t_pad, t_mask, c_pad, c_mask, lambda_=lambda_, max_picks=n)
+    kernel = ConditionedKernel(
+        t_pad, t_mask, c_pad, c_mask, lambda_=lambda_, max_picks=n, embedding_dtype=embedding_dtype
+    )
     rule = make_rule(method, kernel, keys, seed)
     batch = c_pad.shape[0]
-    rows = torch.arange(batch, device=device)
     active = torch.ones(batch, dtype=torch.bool, device=device)
     stopped_by_alpha = torch.zeros_like(active)
-    variance = kernel.variance()
-    picks_per_step, variances = [], [variance]
+    picks_per_step, active_per_step, ktt_per_step = [], [], [kernel.ktt]
     for step in range(n):
         picks, available = rule.pick(kernel, step)
-        active = active & available
+        if available is not None:
+            active = active & available
         if alpha is not None:
-            after = variance - (kernel.ktx[rows, :, picks] ** 2).sum(-1) / (kernel.kxx[rows, picks] + lambda_)
+            after = kernel.variance() - kernel.variance_reduction_at(picks)
             violates = active & (after.clamp_min(0).sqrt() > 1.0 / (alpha * (step + 1)))
             stopped_by_alpha |= violates
             active = active & ~violates
-        if not bool(active.any()):
-            break
-        kernel.condition(picks, active)
-        variance = kernel.variance()
-        picks_per_step.append(torch.where(active, picks, -1))
-        variances.append(variance)
+        if available is not None or alpha is not None:
+            if not bool(active.any()):
+                break
+            kernel.condition(picks, active)
+        else:
+            kernel.condition(picks)
+        picks_per_step.append(picks)
+        active_per_step.append(active)
+        ktt_per_step.append(kernel.ktt)
 
-    all_picks = torch.stack(picks_per_step, 1).cpu() if picks_per_step else torch.empty(batch, 0, dtype=torch.long)
-    all_variances = torch.stack(variances, 1).cpu()
-    exhausted = (~stopped_by_alpha).cpu()
+    steps = len(picks_per_step)
+    all_picks = torch.stack(picks_per_step, 1).cpu() if steps else torch.empty(batch, 0, dtype=torch.long)
+    counts = (torch.stack(active_per_step, 1).sum(1) if steps else torch.zeros(batch, dtype=torch.long)).cpu()
+    all_variances = torch.stack(ktt_per_step, 1).sum(-1).cpu()  # (B, steps + 1)
+    stopped_by_alpha = stopped_by_alpha.cpu()
     results = []
     for b in range(batch):
-        count = int((all_picks[b] >= 0).sum())
+        count = int(counts[b])
         if stopped_by_alpha[b]:
             reason = "alpha"
-        elif count < n and exhausted[b]:
+        elif count < n:
             reason = "exhausted"
         else:
             reason = "n"
@@ -178,7 +187,7 @@ def select(
     *,
     keys: Sequence[Hashable] | None = None,
     seed: int = 0,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype | None = None,
 ) -> Selection:
     """Select up to `n` of the (K, d) `candidates` for a (d,) or (m, d) `target`; see `select_batch`."""
     if not isinstance(target, torch.Tensor) or target.dim() not in (1, 2):

@@ -22,7 +22,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(index_app, name="index")
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML config file (see deploy/)")]
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _settings(config: Path | None, **overrides: object) -> Settings:

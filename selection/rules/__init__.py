@@ -2,7 +2,8 @@
 
 A rule is built once per batch from the conditioned kernel (before any pick) and then asked, step by
 step, for each prompt's next pick. `pick` returns the picks (B,) and a bool mask (B,) that is False where
-a prompt has nothing left to pick (fixed-order rules run out of candidates; greedy rules never do).
+a prompt has nothing left to pick (fixed-order rules run out of candidates), or None from greedy rules,
+which always have a pick.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from selection.rules.uncertainty import UncertaintySampling
 class Rule(Protocol):
     """What the greedy loop needs from a selection rule."""
 
-    def pick(self, kernel: ConditionedKernel, step: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def pick(self, kernel: ConditionedKernel, step: int) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
 def make_rule(

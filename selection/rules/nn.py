@@ -36,7 +36,7 @@ class NearestNeighbours:
             rows = []
             for b in range(order.shape[0]):
                 count = int(counts[b])
-                prompt_keys = keys[b] if keys is not None else _duplicate_keys(kernel.candidates[b], count)
+                prompt_keys = keys[b] if keys is not None else _duplicate_keys(kernel.candidate_vectors(b), count)
                 if len(prompt_keys) != count:
                     raise ValueError(f"prompt {b}: {len(prompt_keys)} keys for {count} candidates")
                 seen: set[Hashable] = set()
@@ -53,7 +53,7 @@ class NearestNeighbours:
         self.order = order
         self.counts = counts
 
-    def pick(self, kernel: ConditionedKernel, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def pick(self, kernel: ConditionedKernel, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if step >= self.order.shape[1]:
             return self.order[:, 0], torch.zeros_like(self.counts, dtype=torch.bool)
         return self.order[:, step], step < self.counts

@@ -23,7 +23,7 @@ class RandomOrder:
             order[b, :count] = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
         self.order = order.to(kernel.candidate_mask.device)
 
-    def pick(self, kernel: ConditionedKernel, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def pick(self, kernel: ConditionedKernel, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if step >= self.order.shape[1]:
             return self.order[:, 0], torch.zeros_like(self.counts, dtype=torch.bool)
         return self.order[:, step], step < self.counts

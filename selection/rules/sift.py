@@ -11,21 +11,18 @@ import torch
 from selection.kernel import ConditionedKernel
 
 
-def masked_argmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Row-wise argmax over real candidates; ties go to the lowest index.
+def first_argmax(scores: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """Row-wise argmax of non-negative scores; ties go to the lowest index.
 
     Exact copies of a document tie in exact arithmetic but can differ in the last bits after a matrix
-    product, so scores within a relative 1e4 machine epsilons of the maximum count as tied.
+    product, so scores within `tolerance` (relative) of the maximum count as tied.
     """
-    scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
-    best = scores.max(-1, keepdim=True).values
-    tied = scores >= best - 1e4 * torch.finfo(scores.dtype).eps * best.abs()
-    return tied.to(torch.uint8).argmax(-1)  # argmax returns the first maximal index
+    tied = scores >= scores.amax(-1, keepdim=True) * (1.0 - tolerance)
+    return tied.byte().argmax(-1)  # argmax returns the first maximal index
 
 
 class Sift:
     """Greedy variance-minimising selection (the paper's VTL with a linear kernel)."""
 
-    def pick(self, kernel: ConditionedKernel, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = masked_argmax(kernel.variance_reduction(), kernel.candidate_mask)
-        return picks, torch.ones_like(picks, dtype=torch.bool)
+    def pick(self, kernel: ConditionedKernel, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return first_argmax(kernel.variance_reduction(), kernel.tie_tolerance), None

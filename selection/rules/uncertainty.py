@@ -8,12 +8,11 @@ from __future__ import annotations
 import torch
 
 from selection.kernel import ConditionedKernel
-from selection.rules.sift import masked_argmax
+from selection.rules.sift import first_argmax
 
 
 class UncertaintySampling:
     """Greedy maximum posterior variance of the candidates themselves."""
 
-    def pick(self, kernel: ConditionedKernel, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = masked_argmax(kernel.kxx, kernel.candidate_mask)
-        return picks, torch.ones_like(picks, dtype=torch.bool)
+    def pick(self, kernel: ConditionedKernel, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return first_argmax(kernel.kxx_lambda, kernel.tie_tolerance), None  # same order as k_n(x, x)
