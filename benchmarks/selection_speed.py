@@ -18,6 +18,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import faiss
@@ -54,13 +55,34 @@ def unit_vectors(count: int, seed: int) -> np.ndarray:
 def sift_one(queries: np.ndarray, vectors: np.ndarray) -> list:
     """SIFT for each query on its own (one call per prompt)."""
     return [
-        select_batch(torch.from_numpy(queries[i : i + 1]), torch.from_numpy(vectors[i : i + 1]), N, lambda_=LAMBDA)
+        select_batch(
+            torch.from_numpy(queries[i : i + 1]), torch.from_numpy(vectors[i : i + 1]), N, lambda_=LAMBDA
+        )
         for i in range(len(queries))
     ]
 
 
 def sift_batched(queries: np.ndarray, vectors: np.ndarray) -> list:
     return select_batch(torch.from_numpy(queries), torch.from_numpy(vectors), N, lambda_=LAMBDA)
+
+
+def retrieval_vs_sift(
+    index: faiss.Index, embeddings: np.ndarray, queries: np.ndarray, k: int, repeats: int
+) -> dict:
+    """Median retrieval and SIFT times for one prompt and for 16 prompts at once."""
+    one = queries[:1]
+    t_faiss = median_time(partial(retrieve, index, embeddings, one, k), repeats)
+    t_sift = median_time(partial(sift_one, one, retrieve(index, embeddings, one, k).vectors), repeats)
+    few = max(3, repeats // 3)
+    t_faiss16 = median_time(partial(retrieve, index, embeddings, queries, k), few)
+    t_sift16 = median_time(
+        partial(sift_batched, queries, retrieve(index, embeddings, queries, k).vectors), few
+    )
+    return {
+        "index_size": index.ntotal, "K": k, "N": N,
+        "faiss_s": t_faiss, "sift_s": t_sift, "sift_overhead": t_sift / t_faiss,
+        "faiss_16_s": t_faiss16, "sift_batched_16_s": t_sift16, "sift_overhead_16": t_sift16 / t_faiss16,
+    }  # fmt: skip
 
 
 def bench_retrieval_vs_sift(sizes: list[int], ks: list[int], repeats: int) -> list[dict]:
@@ -71,21 +93,15 @@ def bench_retrieval_vs_sift(sizes: list[int], ks: list[int], repeats: int) -> li
         index = faiss.IndexFlatIP(D)
         index.add(embeddings)
         for k in ks:
-            one = queries[:1]
-            t_faiss = median_time(lambda: retrieve(index, embeddings, one, k), repeats)
-            cands = retrieve(index, embeddings, one, k).vectors
-            t_sift = median_time(lambda: sift_one(one, cands), repeats)
-            t_faiss16 = median_time(lambda: retrieve(index, embeddings, queries, k), max(3, repeats // 3))
-            cands16 = retrieve(index, embeddings, queries, k).vectors
-            t_sift16 = median_time(lambda: sift_batched(queries, cands16), max(3, repeats // 3))
-            rows.append({
-                "index_size": size, "K": k, "N": N,
-                "faiss_s": t_faiss, "sift_s": t_sift, "sift_overhead": t_sift / t_faiss,
-                "faiss_16_s": t_faiss16, "sift_batched_16_s": t_sift16, "sift_overhead_16": t_sift16 / t_faiss16,
-            })
-            print(f"(a) index {size:>9,} K={k:<5} faiss {t_faiss * 1e3:8.1f} ms  SIFT {t_sift * 1e3:7.1f} ms "
-                  f"(+{100 * t_sift / t_faiss:5.1f}%)  | 16 prompts: faiss {t_faiss16 * 1e3:8.1f} ms  "
-                  f"SIFT {t_sift16 * 1e3:7.1f} ms (+{100 * t_sift16 / t_faiss16:5.1f}%)", flush=True)
+            r = retrieval_vs_sift(index, embeddings, queries, k, repeats)
+            rows.append(r)
+            print(
+                f"(a) index {size:>9,} K={k:<5} faiss {r['faiss_s'] * 1e3:8.1f} ms"
+                f"  SIFT {r['sift_s'] * 1e3:7.1f} ms"
+                f" (+{100 * r['sift_overhead']:5.1f}%)  | 16 prompts: faiss {r['faiss_16_s'] * 1e3:8.1f} ms"
+                f"  SIFT {r['sift_batched_16_s'] * 1e3:7.1f} ms (+{100 * r['sift_overhead_16']:5.1f}%)",
+                flush=True,
+            )
         del index, embeddings
     return rows
 
@@ -106,18 +122,20 @@ def bench_against_activeft(size: int, ks: list[int], repeats: int) -> list[dict]
             activeft_sift.append(took.sift)
             activeft_faiss.append(took.faiss)
         cands = retrieve(index, embeddings, query, k)
-        ours_sel = sift_one(query, cands.vectors)[0][0]
-        ours = cands.rows[0][ours_sel.indices.numpy()]
-        t_ours = median_time(lambda: sift_one(query, cands.vectors), repeats)
+        ours = cands.rows[0][sift_one(query, cands.vectors)[0][0].indices.numpy()]
+        t_ours = median_time(partial(sift_one, query, cands.vectors), repeats)
         t_theirs = statistics.median(activeft_sift)
         identical = [int(i) for i in ours] == [int(i) for i in theirs]
         rows.append({
             "index_size": size, "K": k, "N": N, "activeft_sift_s": t_theirs,
             "activeft_faiss_s": statistics.median(activeft_faiss), "ours_sift_s": t_ours,
             "speedup": t_theirs / t_ours, "identical_picks": identical,
-        })
-        print(f"(b) K={k:<5} activeft SIFT {t_theirs * 1e3:8.1f} ms  ours {t_ours * 1e3:6.1f} ms  "
-              f"speedup {t_theirs / t_ours:6.1f}x  identical picks: {identical}", flush=True)
+        })  # fmt: skip
+        print(
+            f"(b) K={k:<5} activeft SIFT {t_theirs * 1e3:8.1f} ms  ours {t_ours * 1e3:6.1f} ms  "
+            f"speedup {t_theirs / t_ours:6.1f}x  identical picks: {identical}",
+            flush=True,
+        )
     return rows
 
 
@@ -125,22 +143,29 @@ def bench_batching(ks: list[int], repeats: int) -> list[dict]:
     rows = []
     queries = unit_vectors(16, seed=3)
     for k in ks:
-        embeddings = unit_vectors(16 * k, seed=4).reshape(16, k, D)
-        t_seq = median_time(lambda: sift_one(queries, embeddings), max(3, repeats // 3))
-        t_bat = median_time(lambda: sift_batched(queries, embeddings), max(3, repeats // 3))
+        cands = unit_vectors(16 * k, seed=4).reshape(16, k, D)
+        t_seq = median_time(partial(sift_one, queries, cands), max(3, repeats // 3))
+        t_bat = median_time(partial(sift_batched, queries, cands), max(3, repeats // 3))
         same = all(
             a[0].indices.tolist() == b.indices.tolist()
-            for a, b in zip(sift_one(queries, embeddings), sift_batched(queries, embeddings), strict=True)
+            for a, b in zip(sift_one(queries, cands), sift_batched(queries, cands), strict=True)
         )
-        rows.append({"prompts": 16, "K": k, "N": N, "sequential_s": t_seq, "batched_s": t_bat,
-                     "speedup": t_seq / t_bat, "identical_picks": same})
-        print(f"(c) 16 prompts K={k:<5} sequential {t_seq * 1e3:8.1f} ms  batched {t_bat * 1e3:7.1f} ms  "
-              f"speedup {t_seq / t_bat:5.1f}x  identical picks: {same}", flush=True)
+        rows.append({
+            "prompts": 16, "K": k, "N": N, "sequential_s": t_seq, "batched_s": t_bat,
+            "speedup": t_seq / t_bat, "identical_picks": same,
+        })  # fmt: skip
+        print(
+            f"(c) 16 prompts K={k:<5} sequential {t_seq * 1e3:8.1f} ms  batched {t_bat * 1e3:7.1f} ms  "
+            f"speedup {t_seq / t_bat:5.1f}x  identical picks: {same}",
+            flush=True,
+        )
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not the targets)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/selection_speed.json"))
@@ -149,8 +174,12 @@ def main() -> None:
     sizes = [20_000] if args.quick else [100_000, 1_000_000]
     ks = [200, 1000]
     results = {
-        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
-                    "torch": torch.__version__, "faiss": faiss.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "faiss": faiss.__version__,
+        },
         "settings": {"d": D, "N": N, "lambda": LAMBDA, "repeats": args.repeats, "quick": args.quick},
         "retrieval_vs_sift": bench_retrieval_vs_sift(sizes, ks, args.repeats),
         "against_activeft": bench_against_activeft(sizes[0], ks, args.repeats),

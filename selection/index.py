@@ -111,8 +111,14 @@ def _text_hash(text: str) -> str:
 class CorpusIndex:
     """A built corpus index, loaded for retrieval."""
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], index: faiss.Index, embeddings: np.ndarray,
-                 store: DocStore) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        manifest: dict[str, Any],
+        index: faiss.Index,
+        embeddings: np.ndarray,
+        store: DocStore,
+    ) -> None:
         self.directory = directory
         self.manifest = manifest
         self.index = index
@@ -171,7 +177,9 @@ class CorpusIndex:
             store.commit()
             store.close()
             if count == 0:
-                raise CorpusError(f"corpus {corpus or '(given)'} has no documents with text: nothing to index")
+                raise CorpusError(
+                    f"corpus {corpus or '(given)'} has no documents with text: nothing to index"
+                )
             embeddings = np.concatenate(parts)
             if not np.isfinite(embeddings).all():
                 raise ValueError("the embedder produced NaN or infinite vectors")
@@ -205,12 +213,16 @@ class CorpusIndex:
     def read_manifest(directory: Path) -> dict[str, Any]:
         path = Path(directory) / "manifest.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{directory} is not a sift-serve index (no manifest.json); build one with "
-                                    "`sift-serve index build CORPUS --out DIR`")
+            raise FileNotFoundError(
+                f"{directory} is not a sift-serve index (no manifest.json); build one with "
+                "`sift-serve index build CORPUS --out DIR`"
+            )
         manifest = json.loads(path.read_text())
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise IndexMismatchError(f"{directory}: index format {manifest.get('format_version')} is not "
-                                     f"{FORMAT_VERSION}; rebuild it")
+            raise IndexMismatchError(
+                f"{directory}: index format {manifest.get('format_version')} is not "
+                f"{FORMAT_VERSION}; rebuild it"
+            )
         return manifest
 
     @staticmethod

@@ -110,7 +110,7 @@ class ConditionedKernel:
         return tx.square().sum(-1, keepdim=True).div_(kx)[:, 0]
 
     def condition(self, picks: torch.Tensor, active: torch.Tensor | None = None) -> None:
-        """Condition each prompt's kernel on its pick (picks: (B,) long); prompts with active False are left as is."""
+        """Condition each prompt's kernel on its pick (picks: (B,) long); inactive prompts are left as is."""
         at = picks[:, None]
         kx, tx, past = torch.take(self._state, self._state_index + at).split(self._split, dim=1)
         picked = torch.take(self._candidates_t, self._candidate_index + at)  # (B, d)

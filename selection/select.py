@@ -27,7 +27,7 @@ class Selection:
     indices: torch.Tensor
     """LongTensor of picks into the candidates, in pick order (repeats allowed for greedy rules)."""
     sigma2: torch.Tensor
-    """len(indices) + 1 values: the prior variance, then the variance after each pick (summed over targets)."""
+    """len(indices) + 1 values: the prior variance, then after each pick (summed over targets)."""
     stop_reason: StopReason
     method: str
 
@@ -42,41 +42,54 @@ class Selection:
         return self.sigma2.clamp_min(0).sqrt()
 
 
-def _as_batch(
-    tensors: torch.Tensor | Sequence[torch.Tensor], name: str, vector_dim: int
-) -> list[torch.Tensor]:
-    """Split a padded tensor or a ragged list into per-prompt 2-d tensors, with clear errors."""
+def _prepare(
+    tensors: torch.Tensor | Sequence[torch.Tensor], name: str, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """A padded (B, rows, d) tensor in `dtype` (default: its own), its bool mask of real rows, and the
+    dtype the embeddings came in; clear errors for anything malformed.
+
+    A (B, rows, d) tensor is used as is (no copy when the dtype matches); a ragged list is padded.
+    Finiteness is checked with one sum per prompt: a NaN or infinity anywhere makes the sum non-finite.
+    """
     if isinstance(tensors, torch.Tensor):
-        if tensors.dim() == vector_dim:
+        if tensors.dim() == 2:
             tensors = tensors.unsqueeze(1)
-        if tensors.dim() != 3:
-            raise ValueError(f"{name} must have shape (B, d) or (B, m, d) / (B, K, d), got {tuple(tensors.shape)}")
-        items = list(tensors.unbind(0))
+        if tensors.dim() != 3 or 0 in tensors.shape:
+            raise ValueError(
+                f"{name} must have shape (B, d) or (B, rows, d), non-empty, got {tuple(tensors.shape)}"
+            )
+        items: Sequence[torch.Tensor] = tensors
     else:
-        items = [t.unsqueeze(0) if t.dim() == 1 else t for t in tensors]
-    if not items:
-        raise ValueError(f"{name}: empty batch")
-    for b, t in enumerate(items):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise ValueError(f"{name}[{b}] must be a 1-d or 2-d tensor")
-        if not t.is_floating_point():
-            raise ValueError(f"{name}[{b}] must be floating point, got {t.dtype}")
-        if t.shape[0] == 0:
-            raise ValueError(f"{name}[{b}] is empty: nothing to select from or for")
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name}[{b}] contains NaN or infinite values")
-    return items
-
-
-def _pad(items: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ragged (rows_b, d) tensors into (B, max_rows, d) with a bool mask of real rows."""
-    rows = max(t.shape[0] for t in items)
-    out = torch.zeros(len(items), rows, items[0].shape[1], dtype=dtype, device=device)
-    mask = torch.zeros(len(items), rows, dtype=torch.bool, device=device)
-    for b, t in enumerate(items):
-        out[b, : t.shape[0]] = t.to(device=device, dtype=dtype)
-        mask[b, : t.shape[0]] = True
-    return out, mask
+        items = [t.unsqueeze(0) if isinstance(t, torch.Tensor) and t.dim() == 1 else t for t in tensors]
+        if not items:
+            raise ValueError(f"{name}: empty batch")
+        for b, t in enumerate(items):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                raise ValueError(f"{name}[{b}] must be a 1-d or 2-d tensor")
+            if t.shape[0] == 0:
+                raise ValueError(f"{name}[{b}] is empty: nothing to select from or for")
+            if t.shape[1] != items[0].shape[1]:
+                raise ValueError(f"{name}[{b}] has dimension {t.shape[1]}, {name}[0] has {items[0].shape[1]}")
+    source_dtype = items[0].dtype
+    if not items[0].is_floating_point() or any(t.dtype != source_dtype for t in items):
+        raise ValueError(f"{name} must be floating point, all of one dtype")
+    dtype = dtype or source_dtype
+    if isinstance(tensors, torch.Tensor):
+        padded = tensors.to(dtype)
+        mask = torch.ones(padded.shape[:2], dtype=torch.bool, device=padded.device)
+    else:
+        device = items[0].device
+        rows = max(t.shape[0] for t in items)
+        padded = torch.zeros(len(items), rows, items[0].shape[1], dtype=dtype, device=device)
+        mask = torch.zeros(len(items), rows, dtype=torch.bool, device=device)
+        for b, t in enumerate(items):
+            padded[b, : t.shape[0]] = t.to(device=device, dtype=dtype)
+            mask[b, : t.shape[0]] = True
+    finite = torch.isfinite(padded.sum(dim=(1, 2)))
+    if not bool(finite.all()):
+        b = int((~finite).nonzero()[0])
+        raise ValueError(f"{name}[{b}] contains NaN or infinite values")
+    return padded, mask, source_dtype
 
 
 def _check_scalars(n: int, method: str, lambda_: float, alpha: float | None) -> None:
@@ -112,19 +125,16 @@ def select_batch(
     embeddings' own dtype; float64 inputs get float64 throughout).
     """
     _check_scalars(n, method, lambda_, alpha)
-    target_items = _as_batch(targets, "target", vector_dim=2)
-    candidate_items = _as_batch(candidates, "candidates", vector_dim=2)
-    if len(target_items) != len(candidate_items):
-        raise ValueError(f"{len(target_items)} targets but {len(candidate_items)} candidate sets")
-    for b, (t, c) in enumerate(zip(target_items, candidate_items, strict=True)):
-        if t.shape[1] != c.shape[1]:
-            raise ValueError(f"prompt {b}: target dimension {t.shape[1]} != candidate dimension {c.shape[1]}")
-    device = candidate_items[0].device
-    embedding_dtype = torch.promote_types(target_items[0].dtype, candidate_items[0].dtype)
-    dtype = dtype or embedding_dtype
-    t_pad, t_mask = _pad(target_items, dtype, device)
-    c_pad, c_mask = _pad(candidate_items, dtype, device)
-
+    t_pad, t_mask, t_dtype = _prepare(targets, "target", dtype)
+    c_pad, c_mask, c_dtype = _prepare(candidates, "candidates", dtype)
+    if t_pad.shape[0] != c_pad.shape[0]:
+        raise ValueError(f"{t_pad.shape[0]} targets but {c_pad.shape[0]} candidate sets")
+    if t_pad.shape[2] != c_pad.shape[2]:
+        raise ValueError(f"target dimension {t_pad.shape[2]} != candidate dimension {c_pad.shape[2]}")
+    if t_pad.dtype != c_pad.dtype or t_pad.device != c_pad.device:
+        t_pad, t_mask = t_pad.to(c_pad), t_mask.to(c_pad.device)
+    embedding_dtype = torch.promote_types(t_dtype, c_dtype)
+    device = c_pad.device
     kernel = ConditionedKernel(
         t_pad, t_mask, c_pad, c_mask, lambda_=lambda_, max_picks=n, embedding_dtype=embedding_dtype
     )

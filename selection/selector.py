@@ -85,7 +85,9 @@ class Selector:
             cand_sets.append(torch.from_numpy(np.ascontiguousarray(found.vectors[b][valid])).to(self.device))
             row_sets.append(rows)
         # NN-F's duplicates are identical texts, recognised by the store's text hashes.
-        keys = [[c.hash for c in self.index.store.get(rows)] for rows in row_sets] if method == "nn_f" else None
+        keys = (
+            [[c.hash for c in self.index.store.get(rows)] for rows in row_sets] if method == "nn_f" else None
+        )
         selections = select_batch(
             targets, cand_sets, n, method=method, lambda_=lambda_, alpha=alpha, keys=keys, seed=seed
         )
@@ -96,15 +98,26 @@ class Selector:
             sims = (cand_sets[b][picks] @ targets[b]).tolist() if picks else []
             documents = [
                 PickedDocument(
-                    rank=i + 1, row=c.row, id=c.id, doc_id=c.doc_id, source=c.source, title=c.title,
-                    similarity=float(sims[i]), sigma2=float(sel.sigma2[i + 1]), text=c.text,
+                    rank=i + 1,
+                    row=c.row,
+                    id=c.id,
+                    doc_id=c.doc_id,
+                    source=c.source,
+                    title=c.title,
+                    similarity=float(sims[i]),
+                    sigma2=float(sel.sigma2[i + 1]),
+                    text=c.text,
                 )
                 for i, c in enumerate(chunks)
             ]
             results.append(
                 SelectionResult(
-                    documents=documents, sigma2=sel.sigma2.tolist(), stop_reason=sel.stop_reason,
-                    method=method, candidates=len(row_sets[b]), repeats=sel.repeats,
+                    documents=documents,
+                    sigma2=sel.sigma2.tolist(),
+                    stop_reason=sel.stop_reason,
+                    method=method,
+                    candidates=len(row_sets[b]),
+                    repeats=sel.repeats,
                 )
             )
         return results

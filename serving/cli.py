@@ -15,7 +15,9 @@ from rich.table import Table
 
 from serving.config import Settings
 
-app = typer.Typer(help="sift-serve: an LLM server that learns at test time (SIFT + LoRA).", no_args_is_help=True)
+app = typer.Typer(
+    help="sift-serve: an LLM server that learns at test time (SIFT + LoRA).", no_args_is_help=True
+)
 models_app = typer.Typer(help="Models that ship inside packages.", no_args_is_help=True)
 index_app = typer.Typer(help="Corpus indexes.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -42,7 +44,8 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -77,7 +80,9 @@ def index_build(
     out: Annotated[Path | None, typer.Option(help="index directory to write")] = None,
     default: Annotated[bool, typer.Option("--default", help="build the default Python-stdlib index")] = False,
     config: ConfigOption = None,
-    model: Annotated[str | None, typer.Option(help="base model dir (its tokenizer chunks the corpus)")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="base model dir (its tokenizer chunks the corpus)")
+    ] = None,
     embedder: Annotated[str | None, typer.Option(help="minilm or base-model")] = None,
     chunk_tokens: Annotated[int | None, typer.Option(help="chunk size in tokens")] = None,
     kind: Annotated[str | None, typer.Option(help="auto, flat, ivf or hnsw")] = None,
@@ -87,7 +92,10 @@ def index_build(
     from selection.corpus import CorpusError
 
     settings = _settings(
-        config, models__base_model=model, models__embedder=embedder, index__chunk_tokens=chunk_tokens,
+        config,
+        models__base_model=model,
+        models__embedder=embedder,
+        index__chunk_tokens=chunk_tokens,
         index__kind=kind,
     )
     if default == (corpus is not None):
@@ -124,8 +132,12 @@ def select_cmd(
     from selection.selector import Selector
 
     settings = _settings(
-        config, selection__max_picks=n, selection__method=method, selection__lambda_=lambda_,
-        selection__alpha=alpha, selection__candidates=candidates,
+        config,
+        selection__max_picks=n,
+        selection__method=method,
+        selection__lambda_=lambda_,
+        selection__alpha=alpha,
+        selection__candidates=candidates,
     )
     directory = default_index_dir(settings.models) if index == "default" else Path(index)
     try:
@@ -142,7 +154,11 @@ def select_cmd(
     sel = settings.selection
     try:
         result = Selector(corpus_index, embedder, settings.models.device).select(
-            [prompt], sel.max_picks, method=sel.method, lambda_=sel.lambda_, alpha=sel.alpha,
+            [prompt],
+            sel.max_picks,
+            method=sel.method,
+            lambda_=sel.lambda_,
+            alpha=sel.alpha,
             candidates=sel.candidates,
         )[0]
     except ValueError as exc:
@@ -150,10 +166,14 @@ def select_cmd(
     if as_json:
         typer.echo(json.dumps({"prompt": prompt, "index": str(directory), **result.to_dict()}, indent=2))
         return
-    table = Table(title=f"{result.method}: {len(result.documents)} picks from {result.candidates} candidates "
-                        f"({manifest['corpus']}), stopped: {result.stop_reason}, repeats: {result.repeats}")
+    table = Table(
+        title=f"{result.method}: {len(result.documents)} picks from {result.candidates} candidates "
+        f"({manifest['corpus']}), stopped: {result.stop_reason}, repeats: {result.repeats}"
+    )
     for column in ("rank", "doc id", "source", "similarity", "sigma^2 after"):
-        table.add_column(column, justify="right" if column in ("rank", "similarity", "sigma^2 after") else "left")
+        table.add_column(
+            column, justify="right" if column in ("rank", "similarity", "sigma^2 after") else "left"
+        )
     for d in result.documents:
         table.add_row(str(d.rank), d.id, d.source, f"{d.similarity:+.3f}", f"{d.sigma2:.4f}")
     Console().print(table)

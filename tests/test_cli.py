@@ -35,8 +35,9 @@ def test_index_build_and_select(tmp_path, small_corpus):
     assert js.returncode == 0, js.stderr
     data = json.loads(js.stdout)
     assert data["method"] == "nn_f" and len(data["documents"]) == 4 and len(data["sigma2"]) == 5
-    adaptive = json.loads(run("select", "--index", str(idx), "heap push", "-n", "20", "--json",
-                              "--alpha", "50").stdout)
+    adaptive = json.loads(
+        run("select", "--index", str(idx), "heap push", "-n", "20", "--json", "--alpha", "50").stdout
+    )
     assert adaptive["stop_reason"] == "alpha" and len(adaptive["documents"]) < 20
 
 
@@ -78,3 +79,11 @@ def test_select_json_against_index_copy(tmp_path, small_index):
     out = run("select", "--index", str(copy), "fnmatch pattern", "-n", "3", "--json", "-k", "20")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["candidates"] == 20
+
+
+def test_example_config_is_valid():
+    from serving.config import Settings
+
+    settings = Settings.load(Path(__file__).parents[1] / "deploy" / "sift-serve.example.yaml")
+    assert settings.selection.lambda_ == 0.01 and settings.index.kind == "auto"
+    assert "~" not in str(settings.models.cache_dir)

@@ -35,7 +35,11 @@ def test_folder_reader(small_corpus):
 
 @pytest.mark.parametrize(
     "content,message",
-    [('{"id": 1}\n', "needs 'id' and 'text'"), ("not json\n", "not valid JSON"), ('{"id": 1, "text": 5}', "string")],
+    [
+        ('{"id": 1}\n', "needs 'id' and 'text'"),
+        ("not json\n", "not valid JSON"),
+        ('{"id": 1, "text": 5}', "string"),
+    ],
 )
 def test_bad_jsonl_is_a_clear_error(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
@@ -73,8 +77,15 @@ def test_chunks_are_exact_substrings_with_stable_ids(tokenizer, small_corpus):
 def test_empty_corpus_is_refused(tmp_path, minilm, tokenizer):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(CorpusError, match="no documents"):
-        CorpusIndex.build(chunk_documents(read_corpus(tmp_path / "empty.jsonl"), tokenizer, 64), tmp_path / "i",
-                          minilm, tokenizer_name="t", chunk_tokens=64, chunk_overlap=0, progress=False)
+        CorpusIndex.build(
+            chunk_documents(read_corpus(tmp_path / "empty.jsonl"), tokenizer, 64),
+            tmp_path / "i",
+            minilm,
+            tokenizer_name="t",
+            chunk_tokens=64,
+            chunk_overlap=0,
+            progress=False,
+        )
     assert not (tmp_path / "i").exists() and not (tmp_path / "i.building").exists()
 
 
@@ -118,8 +129,15 @@ def test_same_name_different_weights_is_refused(small_corpus, tokenizer, tmp_pat
     from tests.conftest import tiny_llama_dir
 
     a = LMEmbedder(tiny_llama_dir(tmp_path / "a" / "tiny", seed=1))
-    index = CorpusIndex.build(chunk_documents(read_corpus(small_corpus), tokenizer, 256), tmp_path / "idx", a,
-                              tokenizer_name="t", chunk_tokens=256, chunk_overlap=0, progress=False)
+    index = CorpusIndex.build(
+        chunk_documents(read_corpus(small_corpus), tokenizer, 256),
+        tmp_path / "idx",
+        a,
+        tokenizer_name="t",
+        chunk_tokens=256,
+        chunk_overlap=0,
+        progress=False,
+    )
     index.close()
     b = LMEmbedder(tiny_llama_dir(tmp_path / "b" / "tiny", seed=2))
     assert a.name == b.name
@@ -130,8 +148,16 @@ def test_same_name_different_weights_is_refused(small_corpus, tokenizer, tmp_pat
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_index_kinds(small_corpus, tokenizer, minilm, tmp_path, kind):
     chunks = chunk_documents(read_corpus(small_corpus), tokenizer, 128)
-    index = CorpusIndex.build(chunks, tmp_path / kind, minilm, tokenizer_name="t", chunk_tokens=128,
-                              chunk_overlap=0, kind=kind, progress=False)
+    index = CorpusIndex.build(
+        chunks,
+        tmp_path / kind,
+        minilm,
+        tokenizer_name="t",
+        chunk_tokens=128,
+        chunk_overlap=0,
+        kind=kind,
+        progress=False,
+    )
     query = minilm.embed(["binary search in a sorted list"])
     found = index.search(query, 5)
     assert (found.rows >= 0).all() and found.scores[0, 0] > 0.3
@@ -168,6 +194,8 @@ def test_selector_matches_activeft_retriever(small_index, minilm):
     query = minilm.embed(["split a shell command line into tokens"])
     retriever = Retriever(small_index.index, llambda=0.01, device=torch.device("cpu"))
     _, theirs, _, _ = retriever.search(query, N=8, K=30)
-    ours = Selector(small_index, minilm).select(["split a shell command line into tokens"], 8, candidates=30)[0]
+    ours = Selector(small_index, minilm).select(["split a shell command line into tokens"], 8, candidates=30)[
+        0
+    ]
     store = small_index.store
     assert [c.hash for c in store.get(r.row for r in ours.documents)] == [c.hash for c in store.get(theirs)]

@@ -73,7 +73,10 @@ def activeft_vtl(target: torch.Tensor, candidates: torch.Tensor, n: int, lam: fl
         target=target, num_workers=1, subsample=False, force_nonsequential=False, noise_std=math.sqrt(lam)
     )
     loader = ActiveDataLoader(
-        dataset=Dataset(candidates), batch_size=n, acquisition_function=acquisition, device=torch.device("cpu")
+        dataset=Dataset(candidates),
+        batch_size=n,
+        acquisition_function=acquisition,
+        device=torch.device("cpu"),
     )
     indices, _ = loader.next()
     return [int(i) for i in indices]
@@ -96,7 +99,7 @@ def duplicate_heavy(seed: int = 0, copies: int = 10, distinct: int = 8, d: int =
     noise = unit(torch.randn(20, d, generator=g, dtype=torch.float64))
     order = torch.randperm(copies + distinct + 20, generator=g)
     candidates = torch.cat([family, others, noise])[order]
-    is_copy = (order < copies)
+    is_copy = order < copies
     return target, candidates, is_copy
 
 
