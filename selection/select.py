@@ -16,6 +16,7 @@ import torch
 
 from selection.kernel import ConditionedKernel
 from selection.rules import METHODS, make_rule
+from selection.stopping import stops_before
 
 StopReason = str  # "n": n picks made; "alpha": the adaptive rule stopped; "exhausted": no candidates left
 
@@ -149,7 +150,7 @@ def select_batch(
             active = active & available
         if alpha is not None:
             after = kernel.variance() - kernel.variance_reduction_at(picks)
-            violates = active & (after.clamp_min(0).sqrt() > 1.0 / (alpha * (step + 1)))
+            violates = active & stops_before(after.clamp_min(0).sqrt(), step + 1, alpha)
             stopped_by_alpha |= violates
             active = active & ~violates
         if available is not None or alpha is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field
 
+from adapters.config import TrainerConfig
 from selection.config import IndexConfig, ModelsConfig, SelectionConfig, Strict
 
 
@@ -16,6 +17,7 @@ class Settings(Strict):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
 
     @classmethod
     def load(cls, path: Path | None = None) -> Settings:

@@ -1,0 +1,35 @@
+"""Configuration of the test-time trainer (a section of `serving.config.Settings`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from selection.config import Strict
+
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class TrainerConfig(Strict):
+    """How a temporary LoRA adapter is fitted per prompt. Defaults fit a 2-core CPU (a request in seconds)."""
+
+    rank: int = Field(16, gt=0, le=256)
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    learning_rate: float = Field(5e-4, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_steps: int = Field(8, ge=0, le=1000, description="most optimizer steps (one per picked document)")
+    max_train_tokens: int = Field(256, ge=2, le=32768, description="documents are truncated to this")
+    time_budget_s: float | None = Field(30.0, gt=0, description="wall-clock budget for training")
+    device: str = Field("cpu", description="cpu, cuda, cuda:0, ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on a GPU that supports it, else float32"
+    )
+    adapter_dir: Path | None = Field(
+        None, description="where adapters are written (default: tmpfs if present)"
+    )
+    max_waiting: int = Field(64, gt=0, description="requests that may wait for the trainer before refusal")
+    seed: int = 0

@@ -1,0 +1,205 @@
+"""The test-time trainer on a tiny randomly initialised Llama: learning, export, isolation, stopping, cleanup."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from adapters.config import TrainerConfig
+from adapters.handle import cleanup_stale
+from adapters.trainer import Trainer, TrainerBusyError, TrainRequest
+from tests.conftest import STDLIB, tiny_llama_dir
+
+TEXT = (STDLIB / "bisect.py").read_text()[:1500]
+OTHER = (STDLIB / "fnmatch.py").read_text()[:1500]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture()
+def adapter_root(tmp_path):
+    return tmp_path / "adapters"
+
+
+@pytest.fixture()
+def trainer(tiny_dir, adapter_root):
+    config = TrainerConfig(learning_rate=1e-2, max_steps=8, max_train_tokens=64, adapter_dir=adapter_root)
+    return Trainer(tiny_dir, config)
+
+
+def base_snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.base_model.state_dict().items() if "lora_" not in k}
+
+
+class CancelAfter(threading.Event):
+    """A cancel flag that turns on after it has been looked at `checks` times (a deterministic disconnect)."""
+
+    def __init__(self, checks: int) -> None:
+        super().__init__()
+        self.remaining = checks
+
+    def is_set(self) -> bool:
+        self.remaining -= 1
+        return self.remaining < 0
+
+
+def test_training_lowers_the_loss_on_the_document(trainer):
+    before = trainer.loss(TEXT, adapter=False)
+    result = trainer.train(TrainRequest(documents=[TEXT] * 5))
+    assert result.steps == 5 and result.stop_reason == "documents" and result.adapter is not None
+    assert trainer.loss(TEXT) < before - 0.05
+    assert result.losses[-1] < result.losses[0]
+    assert result.tokens == 5 * 64 and result.train_seconds > 0 and result.export_seconds > 0
+    result.adapter.release()
+
+
+def test_saved_adapter_reproduces_the_in_memory_model(trainer, tiny_dir):
+    result = trainer.train(TrainRequest(documents=[TEXT, OTHER, TEXT]))
+    files = sorted(p.name for p in result.adapter.path.iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    loaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_dir), result.adapter.path
+    ).eval()
+    assert loaded.peft_config["default"].base_model_name_or_path == str(tiny_dir)
+    ids = trainer.tokenizer(OTHER[:200], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, trainer.model(ids).logits, atol=1e-5)
+    result.adapter.release()
+    assert not result.adapter.path.exists()
+
+
+def test_base_weights_stay_bit_identical(trainer):
+    before = base_snapshot(trainer)
+    for request in (TrainRequest(documents=[TEXT] * 3), TrainRequest(documents=[OTHER], learning_rate=0.5)):
+        trainer.train(request).adapter.release()
+    trainer.train(TrainRequest(documents=[TEXT] * 3), cancel=CancelAfter(2))
+    after = base_snapshot(trainer)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_requests_never_see_each_others_adapter_or_optimizer(trainer, tiny_dir, adapter_root, tmp_path):
+    trainer.train(TrainRequest(documents=[OTHER] * 4, learning_rate=0.05)).adapter.release()
+    second = trainer.train(TrainRequest(documents=[TEXT] * 2))
+    fresh = Trainer(tiny_dir, trainer.config.model_copy(update={"adapter_dir": tmp_path / "fresh"}))
+    alone = fresh.train(TrainRequest(documents=[TEXT] * 2))
+    a = load_file(second.adapter.path / "adapter_model.safetensors")
+    b = load_file(alone.adapter.path / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert second.losses == alone.losses
+    second.adapter.release()
+    alone.adapter.release()
+
+
+def test_stopping_rules(trainer):
+    docs = [TEXT, OTHER, TEXT, OTHER, TEXT]
+    capped = trainer.train(TrainRequest(documents=docs, max_steps=2))
+    assert (capped.steps, capped.stop_reason) == (2, "max_steps")
+    capped.adapter.release()
+    # sigma_n > 1 / (alpha n) first at n = 3 with alpha = 1: 0.3 <= 1, 0.4 <= 0.5, 0.35 > 0.333
+    adaptive = trainer.train(TrainRequest(documents=docs, sigma=[0.3, 0.4, 0.35, 0.1, 0.1], alpha=1.0))
+    assert (adaptive.steps, adaptive.stop_reason) == (2, "alpha")
+    adaptive.adapter.release()
+    budget = trainer.train(TrainRequest(documents=docs * 4, time_budget_s=1e-6))
+    assert (budget.steps, budget.stop_reason) == (1, "time_budget")
+    budget.adapter.release()
+    zero = trainer.train(TrainRequest(documents=docs, max_steps=0))
+    assert (zero.steps, zero.stop_reason, zero.adapter) == (0, "max_steps", None)
+    empty = trainer.train(TrainRequest(documents=[]))
+    assert (empty.steps, empty.adapter) == (0, None)
+
+
+def test_cancellation_stops_within_a_step_and_leaves_nothing(trainer, adapter_root):
+    result = trainer.train(TrainRequest(documents=[TEXT] * 6), cancel=CancelAfter(2))
+    assert (result.steps, result.stop_reason, result.adapter) == (2, "cancelled", None)
+    before = threading.Event()
+    before.set()
+    assert trainer.train(TrainRequest(documents=[TEXT]), cancel=before).steps == 0
+    assert list(adapter_root.iterdir()) == []
+
+
+def test_failures_leave_no_directory(trainer, adapter_root, monkeypatch):
+    import adapters.trainer as module
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train(TrainRequest(documents=[TEXT]))
+    assert list(adapter_root.iterdir()) == []
+    monkeypatch.undo()
+    with trainer.train(TrainRequest(documents=[TEXT])).adapter as handle:
+        assert handle.path.is_dir()
+    assert list(adapter_root.iterdir()) == []
+
+
+def test_requests_queue_and_report_their_wait(trainer):
+    results = {}
+
+    def run(name: str) -> None:
+        results[name] = trainer.train(TrainRequest(documents=[TEXT] * 3))
+
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    while trainer._lock.acquire(blocking=False):  # wait until the first request holds the trainer
+        trainer._lock.release()
+        time.sleep(0.001)
+    run("second")
+    first.join()
+    assert results["second"].queue_seconds > 0.01
+    assert results["first"].losses == results["second"].losses
+    for r in results.values():
+        r.adapter.release()
+
+
+def test_a_full_queue_is_refused(tiny_dir, adapter_root):
+    trainer = Trainer(tiny_dir, TrainerConfig(max_waiting=1, adapter_dir=adapter_root))
+    trainer._lock.acquire()  # a long request in progress
+    waiter = threading.Thread(
+        target=lambda: trainer.train(TrainRequest(documents=[]), cancel=CancelAfter(40))
+    )
+    waiter.start()
+    while trainer.waiting == 0:
+        time.sleep(0.001)
+    with pytest.raises(TrainerBusyError):
+        trainer.train(TrainRequest(documents=[TEXT]))
+    waiter.join()
+    trainer._lock.release()
+    assert trainer.waiting == 0
+
+
+def test_stale_directories_of_dead_processes_are_removed(tmp_path):
+    dead = tmp_path / f"{2**22 + 12345}-{'a' * 32}"
+    mine = tmp_path / f"{os.getpid()}-{'b' * 32}"
+    other = tmp_path / "not-an-adapter"
+    for d in (dead, mine, other):
+        d.mkdir()
+    assert cleanup_stale(tmp_path) == 1
+    assert not dead.exists() and mine.exists() and other.exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"documents": "one string"}, "sequence of strings"),
+        ({"documents": ["a", "b"], "sigma": [0.1]}, "sigma"),
+        ({"documents": ["a"], "learning_rate": -1.0}, "learning_rate"),
+        ({"documents": ["a"], "max_steps": -1}, "max_steps"),
+        ({"documents": ["a"], "max_train_tokens": 1}, "max_train_tokens"),
+        ({"documents": ["a"], "document_ids": ["x", "y"]}, "document_ids"),
+    ],
+)
+def test_bad_requests_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainRequest(**kwargs)
