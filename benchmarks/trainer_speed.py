@@ -106,8 +106,8 @@ def main() -> None:
     adapter_mb = sum(t.numel() * t.element_size() for t in trainer._adapter_tensors.values()) / 2**20
 
     results = {
-        "machine": {"platform": platform.platform(), "device": args.device, "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+        "machine": {"platform": platform.platform(), "device": args.device,
+                    "threads": torch.get_num_threads(), "torch": torch.__version__},
         "settings": {"model": str(model_dir), "tokens_per_step": args.tokens, "steps": args.steps,
                      "repeats": args.repeats, "rank": config.rank, "dtype": str(trainer.dtype)},
         "trainer_step_s": statistics.median(trainer_step),
@@ -125,7 +125,8 @@ def main() -> None:
     print(
         f"trainer {results['trainer_step_s']:.3f} s/step vs bare {results['bare_loop_step_s']:.3f} s/step "
         f"(ratio {results['ratio']:.3f}); {results['tokens_per_s']:.0f} tokens/s; export "
-        f"{results['export_s_median'] * 1e3:.1f} ms ({adapter_mb:.1f} MB); peak RSS {results['peak_rss_mb']:.0f} MB"
+        f"{results['export_s_median'] * 1e3:.1f} ms ({adapter_mb:.1f} MB); "
+        f"peak RSS {results['peak_rss_mb']:.0f} MB"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

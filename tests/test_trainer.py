@@ -1,4 +1,4 @@
-"""The test-time trainer on a tiny randomly initialised Llama: learning, export, isolation, stopping, cleanup."""
+"""The test-time trainer on a tiny random Llama: learning, export, isolation, stopping, cleanup."""
 
 from __future__ import annotations
 
