@@ -28,8 +28,6 @@ class TrainerConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on a GPU that supports it, else float32"
     )
-    adapter_dir: Path | None = Field(
-        None, description="where adapters are written (default: tmpfs if present)"
-    )
+    adapter_dir: Path | None = Field(None, description="where adapters are written (default: tmpfs if present)")
     max_waiting: int = Field(64, gt=0, description="requests that may wait for the trainer before refusal")
     seed: int = 0

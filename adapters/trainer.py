@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,9 +135,15 @@ class Trainer:
         """The frozen base model underneath the adapter layers."""
         return self.model.get_base_model()
 
-    def train(self, request: TrainRequest, cancel: threading.Event | None = None) -> TrainResult:
+    def train(
+        self,
+        request: TrainRequest,
+        cancel: threading.Event | None = None,
+        progress: Callable[[int, float], None] | None = None,
+    ) -> TrainResult:
         """Fit a fresh adapter for `request`; waits for earlier requests. `cancel` stops it within one step
-        (or while it waits). Raises TrainerBusyError when `max_waiting` requests are already queued."""
+        (or while it waits); `progress(step, loss)` is called after each step. Raises TrainerBusyError when
+        `max_waiting` requests are already queued."""
         with self._waiting_lock:
             if self._waiting >= self.config.max_waiting:
                 raise TrainerBusyError(f"{self._waiting} requests already waiting for the trainer")
@@ -152,7 +158,7 @@ class Trainer:
                 self._waiting -= 1
         try:
             queued = time.monotonic() - arrived
-            result = self._train(request, cancel)
+            result = self._train(request, cancel, progress)
         finally:
             self._lock.release()
         result.queue_seconds = queued
@@ -173,7 +179,12 @@ class Trainer:
         ids = self.tokenizer(text, truncation=True, max_length=max_tokens, return_tensors="pt").input_ids
         return ids.to(self.config.device)
 
-    def _train(self, request: TrainRequest, cancel: threading.Event | None) -> TrainResult:
+    def _train(
+        self,
+        request: TrainRequest,
+        cancel: threading.Event | None,
+        progress: Callable[[int, float], None] | None,
+    ) -> TrainResult:
         cfg = self.config
         max_steps = cfg.max_steps if request.max_steps is None else request.max_steps
         budget = cfg.time_budget_s if request.time_budget_s is None else request.time_budget_s
@@ -219,6 +230,8 @@ class Trainer:
                 losses.append(float(loss.detach()))
                 tokens += int(ids.shape[1])
                 trained.append(request.document_ids[n - 1] if request.document_ids else str(n - 1))
+                if progress is not None:
+                    progress(len(losses), losses[-1])
         finally:
             self.model.eval()
             del optimizer

@@ -55,9 +55,7 @@ def unit_vectors(count: int, seed: int) -> np.ndarray:
 def sift_one(queries: np.ndarray, vectors: np.ndarray) -> list:
     """SIFT for each query on its own (one call per prompt)."""
     return [
-        select_batch(
-            torch.from_numpy(queries[i : i + 1]), torch.from_numpy(vectors[i : i + 1]), N, lambda_=LAMBDA
-        )
+        select_batch(torch.from_numpy(queries[i : i + 1]), torch.from_numpy(vectors[i : i + 1]), N, lambda_=LAMBDA)
         for i in range(len(queries))
     ]
 
@@ -66,18 +64,14 @@ def sift_batched(queries: np.ndarray, vectors: np.ndarray) -> list:
     return select_batch(torch.from_numpy(queries), torch.from_numpy(vectors), N, lambda_=LAMBDA)
 
 
-def retrieval_vs_sift(
-    index: faiss.Index, embeddings: np.ndarray, queries: np.ndarray, k: int, repeats: int
-) -> dict:
+def retrieval_vs_sift(index: faiss.Index, embeddings: np.ndarray, queries: np.ndarray, k: int, repeats: int) -> dict:
     """Median retrieval and SIFT times for one prompt and for 16 prompts at once."""
     one = queries[:1]
     t_faiss = median_time(partial(retrieve, index, embeddings, one, k), repeats)
     t_sift = median_time(partial(sift_one, one, retrieve(index, embeddings, one, k).vectors), repeats)
     few = max(3, repeats // 3)
     t_faiss16 = median_time(partial(retrieve, index, embeddings, queries, k), few)
-    t_sift16 = median_time(
-        partial(sift_batched, queries, retrieve(index, embeddings, queries, k).vectors), few
-    )
+    t_sift16 = median_time(partial(sift_batched, queries, retrieve(index, embeddings, queries, k).vectors), few)
     return {
         "index_size": index.ntotal, "K": k, "N": N,
         "faiss_s": t_faiss, "sift_s": t_sift, "sift_overhead": t_sift / t_faiss,
@@ -163,9 +157,7 @@ def bench_batching(ks: list[int], repeats: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not the targets)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/selection_speed.json"))

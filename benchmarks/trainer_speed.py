@@ -63,9 +63,7 @@ def peak_rss_mb() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=256, help="max_train_tokens per step")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
@@ -76,9 +74,7 @@ def main() -> None:
 
     model_dir = resolve_model(args.model, default_cache_dir())
     rss_before = peak_rss_mb()
-    config = TrainerConfig(
-        max_train_tokens=args.tokens, max_steps=args.steps, time_budget_s=None, device=args.device
-    )
+    config = TrainerConfig(max_train_tokens=args.tokens, max_steps=args.steps, time_budget_s=None, device=args.device)
     trainer = Trainer(model_dir, config)
     docs = documents(args.steps)
     batches = [trainer._tokens(d, args.tokens) for d in docs]

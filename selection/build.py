@@ -9,7 +9,7 @@ from pathlib import Path
 from selection.config import IndexConfig, ModelsConfig
 from selection.corpus import Document, chunk_documents, read_corpus, stdlib_documents
 from selection.embed import Embedder, load_embedder
-from selection.index import CorpusIndex
+from selection.index import CorpusIndex, IndexMismatchError, tokenizer_fingerprint
 from selection.models import resolve_model
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ def build_index(
         out,
         embedder,
         tokenizer_name=str(getattr(tokenizer, "name_or_path", model_dir)),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         chunk_tokens=index.chunk_tokens,
         chunk_overlap=index.chunk_overlap,
         kind=index.kind,
@@ -60,8 +61,12 @@ def ensure_default_index(models: ModelsConfig, index: IndexConfig) -> Path:
     """Build the default index from the standard library unless a complete one is already there."""
     out = default_index_dir(models)
     if (out / "manifest.json").is_file():
-        log.info("default index already built at %s", out)
-        return out
+        try:
+            CorpusIndex.read_manifest(out)
+            log.info("default index already built at %s", out)
+            return out
+        except IndexMismatchError:
+            log.info("default index at %s is outdated; rebuilding", out)
     log.info("building the default index (Python standard library) at %s", out)
     build_index(stdlib_documents(), out, models, index, corpus_name="python-stdlib")
     return out

@@ -137,9 +137,7 @@ def stdlib_documents() -> Iterator[Document]:
         yield Document(id=f"stdlib/{p.name}", text=text, source=f"python-stdlib/{p.name}", title=p.stem)
 
 
-def chunk_documents(
-    documents: Iterable[Document], tokenizer, chunk_tokens: int, overlap: int = 0
-) -> Iterator[Chunk]:
+def chunk_documents(documents: Iterable[Document], tokenizer, chunk_tokens: int, overlap: int = 0) -> Iterator[Chunk]:
     """Cut each document into windows of `chunk_tokens` tokens (of `tokenizer`), as exact substrings."""
     if overlap >= chunk_tokens:
         raise ValueError(f"chunk overlap {overlap} must be smaller than chunk size {chunk_tokens}")

@@ -29,7 +29,7 @@ from selection.store import DocStore
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tokenizer fingerprint in the manifest
 FLAT_LIMIT = 200_000  # "auto" switches from exact flat search to IVF beyond this many vectors
 _FINGERPRINT_MIN_COS = 0.99
 
@@ -139,6 +139,7 @@ class CorpusIndex:
         embedder: Embedder,
         *,
         tokenizer_name: str,
+        tokenizer_fingerprint: str = "",
         chunk_tokens: int,
         chunk_overlap: int,
         kind: str = "auto",
@@ -177,9 +178,7 @@ class CorpusIndex:
             store.commit()
             store.close()
             if count == 0:
-                raise CorpusError(
-                    f"corpus {corpus or '(given)'} has no documents with text: nothing to index"
-                )
+                raise CorpusError(f"corpus {corpus or '(given)'} has no documents with text: nothing to index")
             embeddings = np.concatenate(parts)
             if not np.isfinite(embeddings).all():
                 raise ValueError("the embedder produced NaN or infinite vectors")
@@ -198,6 +197,7 @@ class CorpusIndex:
                 "kind": type(index).__name__,
                 "embedder": {"name": embedder.name, "fingerprint": fingerprint(embedder)},
                 "tokenizer": tokenizer_name,
+                "tokenizer_fingerprint": tokenizer_fingerprint,
                 "chunk_tokens": chunk_tokens,
                 "chunk_overlap": chunk_overlap,
             }
@@ -220,8 +220,7 @@ class CorpusIndex:
         manifest = json.loads(path.read_text())
         if manifest.get("format_version") != FORMAT_VERSION:
             raise IndexMismatchError(
-                f"{directory}: index format {manifest.get('format_version')} is not "
-                f"{FORMAT_VERSION}; rebuild it"
+                f"{directory}: index format {manifest.get('format_version')} is not {FORMAT_VERSION}; rebuild it"
             )
         return manifest
 
@@ -251,6 +250,22 @@ class CorpusIndex:
 
     def close(self) -> None:
         self.store.close()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's vocabulary: equal exactly when token ids mean the same strings."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha1(json.dumps(vocab).encode("utf-8")).hexdigest()
+
+
+def check_tokenizer(manifest: dict[str, Any], tokenizer, directory: Path | str = "index") -> None:
+    """Raise IndexMismatchError unless the index was chunked with this tokenizer."""
+    built = manifest.get("tokenizer_fingerprint")
+    if built != tokenizer_fingerprint(tokenizer):
+        raise IndexMismatchError(
+            f"{directory} was chunked with tokenizer {manifest.get('tokenizer')!r}, which is not the served "
+            "model's tokenizer; rebuild the index with --model pointing at the served model"
+        )
 
 
 def check_embedder(manifest: dict[str, Any], embedder: Embedder, directory: Path | str = "index") -> None:

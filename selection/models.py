@@ -66,9 +66,7 @@ def _convert(gguf: Path, out: Path) -> None:
     got = _probe_logits(reloaded.eval(), AutoTokenizer.from_pretrained(out))
     err = float((got - expected).abs().max())
     if err > 1e-4:
-        raise RuntimeError(
-            f"converted checkpoint does not reproduce the GGUF model's logits (max diff {err})"
-        )
+        raise RuntimeError(f"converted checkpoint does not reproduce the GGUF model's logits (max diff {err})")
     log.info("converted checkpoint verified (max logit diff %.2e)", err)
     (out / _VERIFIED_MARKER).write_text(f"max_logit_diff={err}\n")
 

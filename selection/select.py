@@ -56,9 +56,7 @@ def _prepare(
         if tensors.dim() == 2:
             tensors = tensors.unsqueeze(1)
         if tensors.dim() != 3 or 0 in tensors.shape:
-            raise ValueError(
-                f"{name} must have shape (B, d) or (B, rows, d), non-empty, got {tuple(tensors.shape)}"
-            )
+            raise ValueError(f"{name} must have shape (B, d) or (B, rows, d), non-empty, got {tuple(tensors.shape)}")
         items: Sequence[torch.Tensor] = tensors
     else:
         items = [t.unsqueeze(0) if isinstance(t, torch.Tensor) and t.dim() == 1 else t for t in tensors]

@@ -85,9 +85,7 @@ class Selector:
             cand_sets.append(torch.from_numpy(np.ascontiguousarray(found.vectors[b][valid])).to(self.device))
             row_sets.append(rows)
         # NN-F's duplicates are identical texts, recognised by the store's text hashes.
-        keys = (
-            [[c.hash for c in self.index.store.get(rows)] for rows in row_sets] if method == "nn_f" else None
-        )
+        keys = [[c.hash for c in self.index.store.get(rows)] for rows in row_sets] if method == "nn_f" else None
         selections = select_batch(
             targets, cand_sets, n, method=method, lambda_=lambda_, alpha=alpha, keys=keys, seed=seed
         )

@@ -15,9 +15,7 @@ from rich.table import Table
 
 from serving.config import Settings
 
-app = typer.Typer(
-    help="sift-serve: an LLM server that learns at test time (SIFT + LoRA).", no_args_is_help=True
-)
+app = typer.Typer(help="sift-serve: an LLM server that learns at test time (SIFT + LoRA).", no_args_is_help=True)
 models_app = typer.Typer(help="Models that ship inside packages.", no_args_is_help=True)
 index_app = typer.Typer(help="Corpus indexes.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -80,9 +78,7 @@ def index_build(
     out: Annotated[Path | None, typer.Option(help="index directory to write")] = None,
     default: Annotated[bool, typer.Option("--default", help="build the default Python-stdlib index")] = False,
     config: ConfigOption = None,
-    model: Annotated[
-        str | None, typer.Option(help="base model dir (its tokenizer chunks the corpus)")
-    ] = None,
+    model: Annotated[str | None, typer.Option(help="base model dir (its tokenizer chunks the corpus)")] = None,
     embedder: Annotated[str | None, typer.Option(help="minilm or base-model")] = None,
     chunk_tokens: Annotated[int | None, typer.Option(help="chunk size in tokens")] = None,
     kind: Annotated[str | None, typer.Option(help="auto, flat, ivf or hnsw")] = None,
@@ -171,10 +167,77 @@ def select_cmd(
         f"({manifest['corpus']}), stopped: {result.stop_reason}, repeats: {result.repeats}"
     )
     for column in ("rank", "doc id", "source", "similarity", "sigma^2 after"):
-        table.add_column(
-            column, justify="right" if column in ("rank", "similarity", "sigma^2 after") else "left"
-        )
+        table.add_column(column, justify="right" if column in ("rank", "similarity", "sigma^2 after") else "left")
     for d in result.documents:
         table.add_row(str(d.rank), d.id, d.source, f"{d.similarity:+.3f}", f"{d.sigma2:.4f}")
     Console().print(table)
     typer.echo(f"prior sigma^2 = {result.sigma2[0]:.4f}")
+
+
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[str | None, typer.Option(help="address to listen on")] = None,
+    port: Annotated[int | None, typer.Option(help="port to listen on")] = None,
+    config: ConfigOption = None,
+    model: Annotated[str | None, typer.Option(help="a local HF model directory (default: SmolLM2-135M)")] = None,
+    index: Annotated[Path | None, typer.Option(help="an index from `sift-serve index build`")] = None,
+    engine: Annotated[str | None, typer.Option(help="vllm (default) or transformers")] = None,
+) -> None:
+    """Start Ray locally and serve the OpenAI-compatible API with test-time training."""
+    import signal
+    import threading
+
+    from selection.build import ensure_default_index
+    from selection.corpus import CorpusError
+    from selection.index import IndexMismatchError
+
+    settings = _settings(
+        config, server__host=host, server__port=port, models__base_model=model, generator__engine=engine
+    )
+    if index is not None:
+        settings.index_path = index
+    try:
+        if settings.index_path is None:
+            ensure_default_index(settings.models, settings.index)
+        from serving.services import open_index
+
+        open_index(settings)[0].close()  # refuse a mismatched index or model before starting anything
+    except (FileNotFoundError, IndexMismatchError, CorpusError) as exc:
+        raise _fail(str(exc)) from exc
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from serving.deployments import build
+
+    ray.init(num_cpus=settings.server.ray_num_cpus, include_dashboard=False, log_to_driver=False)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": settings.server.host, "port": settings.server.port})
+        serve.run(build(settings), name="sift-serve", route_prefix="/")
+        url = f"http://{settings.server.host}:{settings.server.port}"
+        name = settings.server.served_model_name or Path(str(settings.models.base_model)).name
+        if settings.models.base_model == "default":
+            from selection.models import DEFAULT_MODEL_NAME
+
+            name = settings.server.served_model_name or DEFAULT_MODEL_NAME
+        auth = ' -H "Authorization: Bearer $SIFT_SERVE_API_KEY"' if settings.server.api_key else ""
+        typer.echo(f"sift-serve is up at {url}/v1 (model {name!r}); Ctrl-C stops it. Try:")
+        typer.echo(
+            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '"
+            + json.dumps(
+                {
+                    "model": name,
+                    "messages": [{"role": "user", "content": "How do I read a CSV file?"}],
+                    "ttft": {"max_steps": 2},
+                }
+            )  # fmt: skip
+            + "'"
+        )
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()

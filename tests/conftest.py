@@ -51,13 +51,14 @@ def small_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_index(small_corpus, tmp_path_factory, minilm, tokenizer):
     from selection.corpus import chunk_documents, read_corpus
-    from selection.index import CorpusIndex
+    from selection.index import CorpusIndex, tokenizer_fingerprint
 
     out = tmp_path_factory.mktemp("index") / "idx"
     chunks = chunk_documents(read_corpus(small_corpus), tokenizer, 128)
     index = CorpusIndex.build(
-        chunks, out, minilm, tokenizer_name="smollm2", chunk_tokens=128, chunk_overlap=0, progress=False
-    )
+        chunks, out, minilm, tokenizer_name="smollm2", tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        chunk_tokens=128, chunk_overlap=0, progress=False,
+    )  # fmt: skip
     yield index
     index.close()
 

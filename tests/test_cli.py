@@ -35,9 +35,7 @@ def test_index_build_and_select(tmp_path, small_corpus):
     assert js.returncode == 0, js.stderr
     data = json.loads(js.stdout)
     assert data["method"] == "nn_f" and len(data["documents"]) == 4 and len(data["sigma2"]) == 5
-    adaptive = json.loads(
-        run("select", "--index", str(idx), "heap push", "-n", "20", "--json", "--alpha", "50").stdout
-    )
+    adaptive = json.loads(run("select", "--index", str(idx), "heap push", "-n", "20", "--json", "--alpha", "50").stdout)
     assert adaptive["stop_reason"] == "alpha" and len(adaptive["documents"]) < 20
 
 

@@ -194,8 +194,6 @@ def test_selector_matches_activeft_retriever(small_index, minilm):
     query = minilm.embed(["split a shell command line into tokens"])
     retriever = Retriever(small_index.index, llambda=0.01, device=torch.device("cpu"))
     _, theirs, _, _ = retriever.search(query, N=8, K=30)
-    ours = Selector(small_index, minilm).select(["split a shell command line into tokens"], 8, candidates=30)[
-        0
-    ]
+    ours = Selector(small_index, minilm).select(["split a shell command line into tokens"], 8, candidates=30)[0]
     store = small_index.store
     assert [c.hash for c in store.get(r.row for r in ours.documents)] == [c.hash for c in store.get(theirs)]

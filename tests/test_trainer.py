@@ -67,9 +67,7 @@ def test_saved_adapter_reproduces_the_in_memory_model(trainer, tiny_dir):
     result = trainer.train(TrainRequest(documents=[TEXT, OTHER, TEXT]))
     files = sorted(p.name for p in result.adapter.path.iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]
-    loaded = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_dir), result.adapter.path
-    ).eval()
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), result.adapter.path).eval()
     assert loaded.peft_config["default"].base_model_name_or_path == str(tiny_dir)
     ids = trainer.tokenizer(OTHER[:200], return_tensors="pt").input_ids
     with torch.no_grad():
@@ -166,9 +164,7 @@ def test_requests_queue_and_report_their_wait(trainer):
 def test_a_full_queue_is_refused(tiny_dir, adapter_root):
     trainer = Trainer(tiny_dir, TrainerConfig(max_waiting=1, adapter_dir=adapter_root))
     trainer._lock.acquire()  # a long request in progress
-    waiter = threading.Thread(
-        target=lambda: trainer.train(TrainRequest(documents=[]), cancel=CancelAfter(40))
-    )
+    waiter = threading.Thread(target=lambda: trainer.train(TrainRequest(documents=[]), cancel=CancelAfter(40)))
     waiter.start()
     while trainer.waiting == 0:
         time.sleep(0.001)

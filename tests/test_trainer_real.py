@@ -21,9 +21,7 @@ PROMPT = TEXT[:60]
 def trained(default_model_dir, tmp_path_factory):
     trainer = Trainer(
         default_model_dir,
-        TrainerConfig(
-            learning_rate=2e-3, max_train_tokens=128, adapter_dir=tmp_path_factory.mktemp("adapters")
-        ),
+        TrainerConfig(learning_rate=2e-3, max_train_tokens=128, adapter_dir=tmp_path_factory.mktemp("adapters")),
     )
     before = trainer.loss(TEXT, adapter=False, max_tokens=128)
     result = trainer.train(TrainRequest(documents=[TEXT] * 4))

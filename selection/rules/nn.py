@@ -36,9 +36,7 @@ class NearestNeighbours:
             rows = []
             for b in range(order.shape[0]):
                 count = int(counts[b])
-                prompt_keys = (
-                    keys[b] if keys is not None else _duplicate_keys(kernel.candidate_vectors(b), count)
-                )
+                prompt_keys = keys[b] if keys is not None else _duplicate_keys(kernel.candidate_vectors(b), count)
                 if len(prompt_keys) != count:
                     raise ValueError(f"prompt {b}: {len(prompt_keys)} keys for {count} candidates")
                 seen: set[Hashable] = set()

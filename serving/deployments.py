@@ -1,0 +1,81 @@
+"""The Ray Serve application: Ingress (FastAPI) -> Selector, Trainer, Generator, composed with handles.
+
+Each deployment is a thin wrapper around a plain service object (`serving.services`); resources come
+from `Settings.server` and are always pinned. `build(settings)` returns the bound application;
+`app_builder` is the entry point for `serve run deploy/serve_config.yaml`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serving.app import create_app
+from serving.clients import HandleClient
+from serving.config import Resources, Settings
+from serving.openai_server import OpenAIServer
+from serving.services import GeneratorService, SelectorService, TrainerService, model_dir
+
+log = logging.getLogger(__name__)
+
+app = create_app()
+
+
+def max_model_len(settings: Settings) -> int:
+    """The generator's context length: the configured one, capped by the model's own."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir(settings))
+    return min(settings.generator.max_model_len, getattr(config, "max_position_embeddings", 1 << 30))
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    """OpenAI routes; everything heavy happens in the three deployments behind it."""
+
+    def __init__(self, settings: Settings, selector: DeploymentHandle, trainer: DeploymentHandle,
+                 generator: DeploymentHandle) -> None:  # fmt: skip
+        from transformers import AutoTokenizer
+
+        model = model_dir(settings)
+        app.state.server = OpenAIServer(
+            settings,
+            AutoTokenizer.from_pretrained(model),
+            HandleClient(selector),
+            HandleClient(trainer),
+            HandleClient(generator),
+            max_model_len(settings),
+            settings.server.served_model_name or model.name,
+        )
+
+
+def _options(resources: Resources, name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "num_replicas": resources.replicas,
+        "max_ongoing_requests": resources.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
+    }
+
+
+def build(settings: Settings) -> serve.Application:
+    """The application graph, every deployment's resources pinned from `settings.server`."""
+    s = settings.server
+    selector = serve.deployment(SelectorService).options(**_options(s.selector, "Selector")).bind(settings)
+    trainer = serve.deployment(TrainerService).options(**_options(s.trainer, "Trainer")).bind(settings)
+    generator = serve.deployment(GeneratorService).options(**_options(s.generator, "Generator")).bind(settings)
+    return Ingress.options(**_options(s.ingress, "Ingress")).bind(settings, selector, trainer, generator)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """`serve run` entry point: args may hold `config` (a sift-serve YAML path) and/or inline sections."""
+    args = dict(args or {})
+    config = args.pop("config", None)
+    settings = Settings.load(config) if config else Settings()
+    if args:
+        settings = Settings.model_validate({**settings.model_dump(by_alias=True), **args})
+    return build(settings)
