@@ -21,7 +21,7 @@ class GeneratorConfig(Strict):
     max_loras: int = Field(4, ge=1, description="adapters resident at once (concurrent adapted requests)")
     max_cpu_loras: int | None = Field(None, ge=1, description="adapters cached in CPU memory (>= max_loras)")
     dtype: str = Field("auto", description="auto: float32 on CPU, the model's dtype on GPU")
-    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.8, gt=0, le=1)
     default_max_tokens: int = Field(64, ge=1, description="max_tokens for chat requests that set none")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -21,8 +22,6 @@ from serving.services import GeneratorService, SelectorService, TrainerService, 
 
 log = logging.getLogger(__name__)
 
-app = create_app()
-
 
 def max_model_len(settings: Settings) -> int:
     """The generator's context length: the configured one, capped by the model's own."""
@@ -33,16 +32,19 @@ def max_model_len(settings: Settings) -> int:
 
 
 @serve.deployment
-@serve.ingress(app)
+@serve.ingress()
 class Ingress:
-    """OpenAI routes; everything heavy happens in the three deployments behind it."""
+    """OpenAI routes; everything heavy happens in the three deployments behind it.
+
+    The FastAPI app is built in the replica (after the constructor), around this replica's server.
+    """
 
     def __init__(self, settings: Settings, selector: DeploymentHandle, trainer: DeploymentHandle,
                  generator: DeploymentHandle) -> None:  # fmt: skip
         from transformers import AutoTokenizer
 
         model = model_dir(settings)
-        app.state.server = OpenAIServer(
+        self.server = OpenAIServer(
             settings,
             AutoTokenizer.from_pretrained(model),
             HandleClient(selector),
@@ -51,6 +53,11 @@ class Ingress:
             max_model_len(settings),
             settings.server.served_model_name or model.name,
         )
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        app = create_app()
+        app.state.server = self.server
+        return app
 
 
 def _options(resources: Resources, name: str) -> dict[str, Any]:

@@ -211,7 +211,10 @@ class OpenAIServer:
         self.metrics.stage.labels("train").observe(run.report.timings.train)
         self.metrics.steps.inc(result.steps)
         stop = result.stop_reason
-        run.report.stop_reason = "alpha" if stop == "documents" and picked["stop_reason"] == "alpha" else stop
+        if stop == "documents":  # trained on every pick: say why selection picked no more
+            stop = "max_steps" if len(docs) == max_steps else picked["stop_reason"]
+            stop = {"n": "max_picks", "exhausted": "documents"}.get(stop, stop)
+        run.report.stop_reason = stop
         run.report.adapter = result.adapter is not None
         yield {"adapter": result.adapter}
 

@@ -183,7 +183,8 @@ class GeneratorService:
         return self.generator.max_model_len
 
     def __del__(self) -> None:
-        self.generator.shutdown()
+        if hasattr(self, "generator"):  # construction may have failed
+            self.generator.shutdown()
 
 
 def sigma_trace(sigma2: list[float]) -> list[float]:
