@@ -1,10 +1,10 @@
 # Two entry points for a fresh machine (both idempotent):
-#   make serve   set everything up, then run the main job on the embedded default
-#   make test    set everything up, then run lint and the test suite
+#   make serve   set everything up, then start the server on the embedded default
+#   make test    set everything up, then run lint and the test suite (what CI runs)
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: setup serve demo test lint bench clean-venv
+.PHONY: setup serve demo test bench
 
 $(VENV_STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
@@ -14,7 +14,10 @@ setup: $(VENV_STAMP)
 	.venv/bin/sift-serve models fetch
 	.venv/bin/sift-serve index build --default
 
-serve demo: setup
+serve: setup
+	.venv/bin/sift-serve serve
+
+demo: setup
 	.venv/bin/sift-serve select --index default "How do I read a CSV file and iterate over its rows?" -n 10
 
 test: $(VENV_STAMP)
@@ -24,3 +27,5 @@ test: $(VENV_STAMP)
 
 bench: setup
 	$(PY) -m benchmarks.selection_speed
+	$(PY) -m benchmarks.trainer_speed
+	$(PY) -m benchmarks.latency

@@ -8,6 +8,7 @@ from `Settings.server` and are always pinned. `build(settings)` returns the boun
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -18,6 +19,7 @@ from serving.app import create_app
 from serving.clients import HandleClient
 from serving.config import Resources, Settings
 from serving.openai_server import OpenAIServer
+from selection.build import default_index_dir
 from serving.services import GeneratorService, SelectorService, TrainerService, model_dir
 
 log = logging.getLogger(__name__)
@@ -85,4 +87,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     settings = Settings.load(config) if config else Settings()
     if args:
         settings = Settings.model_validate({**settings.model_dump(by_alias=True), **args})
+    index = settings.index_path or default_index_dir(settings.models)
+    if not (Path(index) / "manifest.json").is_file():
+        raise FileNotFoundError(f"no index at {index}: run `make setup` (or `sift-serve index build`) first")
     return build(settings)

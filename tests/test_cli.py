@@ -85,3 +85,19 @@ def test_example_config_is_valid():
     settings = Settings.load(Path(__file__).parents[1] / "deploy" / "sift-serve.example.yaml")
     assert settings.selection.lambda_ == 0.01 and settings.index.kind == "auto"
     assert "~" not in str(settings.models.cache_dir)
+
+
+def test_serve_config_builds_the_application(small_index):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.deployments import app_builder
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    (application,) = schema.applications
+    assert application.import_path == "serving.deployments:app_builder"
+    built = app_builder({**application.args, "index_path": str(small_index.directory)})
+    assert type(built).__name__ == "Application"
+    with pytest.raises(FileNotFoundError, match="make setup"):
+        app_builder({**application.args, "index_path": "/nonexistent"})

@@ -1,0 +1,194 @@
+"""Latency and throughput of the running server, with and without test-time training, and of vLLM alone.
+
+Starts the Ray Serve application on the embedded default (or `--config`), then with the official
+`openai` async client at 1, 4 and 16 concurrent clients sends streamed chat requests (a) with `ttft`
+and (b) with `ttft.enabled = false`; then shuts the server down and runs (c) the same plain requests
+straight against a vLLM AsyncLLM with the same settings. Reports end-to-end latency and time to first
+token (p50/p95), requests per second, the stage breakdown, and two ratios:
+
+- serving overhead of a ttft request: (end-to-end - select - train - generate) / end-to-end, at 1 client;
+- plain request through the server / the same request on the engine directly (p50 latency, 1 client).
+
+    python -m benchmarks.latency [--config FILE] [--requests-per-client 2] [--max-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import openai
+
+from serving.config import Settings
+
+PROMPTS = [
+    "How do I read rows from a CSV file?",
+    "How can I parse command line arguments?",
+    "What is the easiest way to compress a file with gzip?",
+    "How do I compute a SHA-256 hash of a string?",
+    "How do I format a date as ISO 8601?",
+    "How do I run a subprocess and capture its output?",
+    "How can I walk a directory tree?",
+    "How do I use a heap as a priority queue?",
+]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summary(rows: list[dict], wall: float) -> dict:
+    e2e = [r["e2e"] for r in rows]
+    ttft = [r["first_token"] for r in rows]
+    out = {
+        "requests": len(rows),
+        "e2e_p50": pct(e2e, 0.5), "e2e_p95": pct(e2e, 0.95),
+        "first_token_p50": pct(ttft, 0.5), "first_token_p95": pct(ttft, 0.95),
+        "rps": len(rows) / wall,
+    }  # fmt: skip
+    stages = [r["timings"] for r in rows if r.get("timings")]
+    if stages:
+        out["stages_mean"] = {k: statistics.mean(s[k] for s in stages) for k in stages[0]}
+        out["machinery_share_mean"] = statistics.mean(
+            (r["e2e"] - r["timings"]["select"] - r["timings"]["train"] - r["timings"]["generate"]) / r["e2e"]
+            for r in rows
+        )
+    return out
+
+
+async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int, ttft: dict) -> dict:
+    started = time.perf_counter()
+    first, timings = None, None
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
+        stream=True, extra_body={"ttft": ttft},
+    )  # fmt: skip
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content and first is None:
+            first = time.perf_counter() - started
+        report = (chunk.model_extra or {}).get("ttft")
+        if report and "timings" in report:
+            timings = report["timings"]
+    e2e = time.perf_counter() - started
+    return {"e2e": e2e, "first_token": first if first is not None else e2e, "timings": timings}
+
+
+async def load(client, model: str, concurrency: int, per_client: int, max_tokens: int, ttft: dict) -> dict:
+    async def worker(w: int) -> list[dict]:
+        return [
+            await one_request(client, model, PROMPTS[(w * per_client + i) % len(PROMPTS)], max_tokens, ttft)
+            for i in range(per_client)
+        ]
+
+    started = time.perf_counter()
+    rows = [r for batch in await asyncio.gather(*(worker(w) for w in range(concurrency))) for r in batch]
+    return summary(rows, time.perf_counter() - started)
+
+
+async def direct_engine(settings: Settings, concurrencies: list[int], per_client: int, max_tokens: int) -> dict:
+    """The same plain requests on a bare vLLM AsyncLLM (no Ray, no HTTP, no adapters)."""
+    from transformers import AutoTokenizer
+
+    from serving.generation import Sampling, VLLMGenerator
+    from serving.services import model_dir
+
+    model = model_dir(settings)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    generator = VLLMGenerator(model, settings.generator, settings.trainer.rank, settings.trainer.device)
+    results = {}
+    try:
+        for concurrency in concurrencies:
+
+            async def worker(w: int) -> list[dict]:
+                rows = []
+                for i in range(per_client):
+                    prompt = PROMPTS[(w * per_client + i) % len(PROMPTS)]
+                    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                        add_generation_prompt=True, tokenize=True)  # fmt: skip
+                    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+                    started, first = time.perf_counter(), None
+                    sampling = Sampling(max_tokens=max_tokens, temperature=0)
+                    async for chunk in generator.generate(f"direct-{w}-{i}", list(ids), sampling, None):
+                        if chunk.text and first is None:
+                            first = time.perf_counter() - started
+                    e2e = time.perf_counter() - started
+                    rows.append({"e2e": e2e, "first_token": first if first is not None else e2e})
+                return rows
+
+            started = time.perf_counter()
+            rows = [r for b in await asyncio.gather(*(worker(w) for w in range(concurrency))) for r in b]
+            results[str(concurrency)] = summary(rows, time.perf_counter() - started)
+            print(f"direct engine  c={concurrency:<3} {json.dumps(results[str(concurrency)])}", flush=True)
+    finally:
+        generator.shutdown()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--ttft", default='{"max_steps": 2, "max_train_tokens": 128}', help="ttft object (JSON)")
+    parser.add_argument("--port", type=int, default=8321)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from selection.build import ensure_default_index
+    from serving.deployments import build
+
+    settings = Settings.load(args.config)
+    settings.server.port = args.port
+    settings.server.max_pending = max(settings.server.max_pending, max(args.concurrency) * 2)
+    if settings.index_path is None:
+        ensure_default_index(settings.models, settings.index)
+    ttft = json.loads(args.ttft)
+    results: dict = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "settings": {"max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client, "ttft": ttft},
+        "ttft": {}, "plain": {},
+    }  # fmt: skip
+    ray.init(num_cpus=settings.server.ray_num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        serve.run(build(settings), name="sift-serve", route_prefix="/")
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="unused", timeout=900)
+        model = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="unused").models.list().data[0].id
+        asyncio.run(load(client, model, 1, 1, args.max_tokens, {"enabled": False}))  # warm-up
+        for concurrency in args.concurrency:
+            for kind, options in (("ttft", ttft), ("plain", {"enabled": False})):
+                client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="u", timeout=900)
+                row = asyncio.run(load(client, model, concurrency, args.requests_per_client, args.max_tokens, options))
+                results[kind][str(concurrency)] = row
+                print(f"server {kind:<5} c={concurrency:<3} {json.dumps(row)}", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    results["direct"] = asyncio.run(
+        direct_engine(settings, args.concurrency, args.requests_per_client, args.max_tokens)
+    )
+    one = str(args.concurrency[0])
+    results["targets"] = {
+        "ttft_machinery_share_c1": results["ttft"][one].get("machinery_share_mean"),
+        "plain_over_direct_p50_c1": results["plain"][one]["e2e_p50"] / results["direct"][one]["e2e_p50"],
+    }
+    print(json.dumps(results["targets"]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
