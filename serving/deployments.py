@@ -15,11 +15,11 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from selection.build import default_index_dir
 from serving.app import create_app
 from serving.clients import HandleClient
 from serving.config import Resources, Settings
 from serving.openai_server import OpenAIServer
-from selection.build import default_index_dir
 from serving.services import GeneratorService, SelectorService, TrainerService, model_dir
 
 log = logging.getLogger(__name__)
