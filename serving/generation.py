@@ -81,7 +81,16 @@ def _logprob_dict(entry, chosen: int | None) -> dict[int, float]:
     return out
 
 
-class VLLMGenerator:
+class _CountsAdapters:
+    """How many adapters an engine holds right now (for metrics and leak checks)."""
+
+    _live = 0
+
+    def live_adapters(self) -> int:
+        return self._live
+
+
+class VLLMGenerator(_CountsAdapters):
     """vLLM AsyncLLM with per-request LoRA adapters."""
 
     def __init__(self, model_dir: Path, config: GeneratorConfig, max_lora_rank: int, device: str = "cpu") -> None:
@@ -107,10 +116,6 @@ class VLLMGenerator:
         self.engine = AsyncLLM.from_engine_args(args)
         self.max_model_len = config.max_model_len
         self._lora_ids = itertools.count(1)
-        self._live = 0
-
-    def live_adapters(self) -> int:
-        return self._live
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], sampling: Sampling, adapter: AdapterHandle | None
@@ -168,7 +173,7 @@ class VLLMGenerator:
         self.engine.shutdown()
 
 
-class TransformersGenerator:
+class TransformersGenerator(_CountsAdapters):
     """transformers + peft, token by token with a KV cache; one request at a time."""
 
     def __init__(self, model_dir: Path, config: GeneratorConfig, device: str = "cpu") -> None:
@@ -179,10 +184,6 @@ class TransformersGenerator:
         self.device = device
         self.max_model_len = min(config.max_model_len, self.model.config.max_position_embeddings)
         self._lock = threading.Lock()
-        self._live = 0
-
-    def live_adapters(self) -> int:
-        return self._live
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], sampling: Sampling, adapter: AdapterHandle | None

@@ -242,11 +242,11 @@ class OpenAIServer:
                     if chunk.prompt_logprobs is not None:
                         run.prompt_logprobs = chunk.prompt_logprobs
                     run.finish_reason = chunk.finish_reason or run.finish_reason
+                    run.report.timings.generate = time.monotonic() - started - run.report.timings.load_adapter
                     yield "chunk", chunk
             finally:
                 if handed is not None:
                     self.metrics.adapters_live.dec()
-            run.report.timings.generate = time.monotonic() - started - run.report.timings.load_adapter
             self.metrics.stage.labels("generate").observe(run.report.timings.generate)
         finally:
             if adapter is not None:  # made, but the request ended before generation took it

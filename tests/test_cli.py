@@ -79,12 +79,17 @@ def test_select_json_against_index_copy(tmp_path, small_index):
     assert json.loads(out.stdout)["candidates"] == 20
 
 
-def test_example_config_is_valid():
+def test_example_configs_are_valid(monkeypatch):
     from serving.config import Settings
 
-    settings = Settings.load(Path(__file__).parents[1] / "deploy" / "sift-serve.example.yaml")
+    monkeypatch.delenv("SIFT_SERVE_API_KEY", raising=False)
+    deploy = Path(__file__).parents[1] / "deploy"
+    settings = Settings.load(deploy / "sift-serve.example.yaml")
     assert settings.selection.lambda_ == 0.01 and settings.index.kind == "auto"
     assert "~" not in str(settings.models.cache_dir)
+    assert settings.model_dump() == Settings(models={"cache_dir": settings.models.cache_dir}).model_dump()
+    gpu = Settings.load(deploy / "sift-serve.gpu.yaml")
+    assert gpu.trainer.max_train_tokens == 1024 and gpu.selection.max_picks == 50
 
 
 def test_serve_config_builds_the_application(small_index):
