@@ -29,7 +29,6 @@ from selection.stopping import stops_before
 
 log = logging.getLogger(__name__)
 
-STOP_REASONS = ("documents", "max_steps", "alpha", "time_budget", "cancelled")
 _ADAPTER = "default"  # peft writes a non-default adapter into a sub-directory; one adapter lives at a time
 
 
@@ -77,6 +76,7 @@ class TrainResult:
     adapter: AdapterHandle | None
     steps: int
     stop_reason: str
+    """documents (all trained on), max_steps, alpha, time_budget or cancelled."""
     losses: list[float] = field(default_factory=list)
     tokens: int = 0
     train_seconds: float = 0.0

@@ -78,11 +78,6 @@ class ConditionedKernel:
         return self._kxx_lambda[:, 0]
 
     @property
-    def kxx(self) -> torch.Tensor:
-        """k_n(x, x) for every candidate; (B, K)."""
-        return self.kxx_lambda - self.lambda_
-
-    @property
     def ktx(self) -> torch.Tensor:
         """k_n(t_j, x) for every target and candidate; (B, m, K)."""
         return self._ktx

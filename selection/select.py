@@ -37,11 +37,6 @@ class Selection:
         """How many picks repeat an earlier pick (each repeat is one more training step on that document)."""
         return len(self.indices) - len(set(self.indices.tolist()))
 
-    @property
-    def sigma(self) -> torch.Tensor:
-        """sigma_n = sqrt(sigma^2_{X_n}(x*)) for n = 0..len(indices)."""
-        return self.sigma2.clamp_min(0).sqrt()
-
 
 def _prepare(
     tensors: torch.Tensor | Sequence[torch.Tensor], name: str, dtype: torch.dtype | None

@@ -25,8 +25,11 @@ from serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DocumentRef,
+    ErrorBody,
+    ErrorResponse,
     TTFTOptions,
     TTFTReport,
+    Usage,
     model_card,
     new_id,
     now,
@@ -45,7 +48,8 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        error = ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=error).model_dump()
 
 
 class Metrics:
@@ -369,7 +373,7 @@ class OpenAIServer:
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion).model_dump()
 
 
 def _sse(payload: dict[str, Any]) -> str:
