@@ -21,9 +21,9 @@ class TrainerConfig(Strict):
     target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_PROJECTIONS))
     learning_rate: float = Field(5e-4, gt=0, le=1.0)
     weight_decay: float = Field(0.0, ge=0)
-    max_steps: int = Field(8, ge=0, le=1000, description="most optimizer steps (one per picked document)")
+    max_steps: int = Field(4, ge=0, le=1000, description="most optimizer steps (one per picked document)")
     max_train_tokens: int = Field(256, ge=2, le=32768, description="documents are truncated to this")
-    time_budget_s: float | None = Field(30.0, gt=0, description="wall-clock budget for training")
+    time_budget_s: float | None = Field(20.0, gt=0, description="wall-clock budget for training")
     device: str = Field("cpu", description="cpu, cuda, cuda:0, ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on a GPU that supports it, else float32"
