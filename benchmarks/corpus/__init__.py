@@ -1,0 +1,1 @@
+"""Recipes for the quality benchmark's multi-domain corpus, built from pinned registry packages."""
