@@ -5,8 +5,8 @@
 Writes `train.jsonl` and `heldout.jsonl` (`{"id", "text", "domain", "source", "family"}`) and a
 `manifest.json` (pins, counts and bytes per domain and split). A family goes to the held-out split when
 the hash of its name falls under `--heldout-frac`, so near-duplicates never straddle the split; each
-domain holds out at least one family. `--max-mb` caps the corpus (split evenly over the domains, taking
-documents in the recipe's stable order), for quick runs. Rebuilding gives the same ids and texts.
+domain holds out at least one family. `--max-mb` caps the corpus (split evenly over the domains, taking whole
+families in a stable order), for quick runs. Rebuilding gives the same ids and texts.
 """
 
 from __future__ import annotations
@@ -33,17 +33,22 @@ def family_score(family: str) -> float:
 
 
 def domain_documents(recipe: Recipe, cache: Path, max_bytes: int | None) -> list[Document]:
+    """The recipe's documents; under a cap, whole families in family-score order (so held-out families and
+    the near-duplicate structure survive), in the recipe's order within the result."""
     files = {pin.name: fetch(pin, cache) for pin in recipe.pins}
-    out, total = [], 0
-    for doc in recipe.parse(files):
-        if not doc["text"].strip():
-            continue
-        size = len(doc["text"].encode("utf-8"))
-        if max_bytes is not None and total + size > max_bytes and out:
-            break
-        out.append(doc)
-        total += size
-    return out
+    docs = [d for d in recipe.parse(files) if d["text"].strip()]
+    if max_bytes is None:
+        return docs
+    sizes: dict[str, int] = {}
+    for d in docs:
+        sizes[d["family"]] = sizes.get(d["family"], 0) + len(d["text"].encode("utf-8"))
+    kept, total = set(), 0
+    for family in sorted(sizes, key=family_score):
+        if total + sizes[family] > max_bytes and kept:
+            continue  # too big for what is left; a smaller family may still fit
+        kept.add(family)
+        total += sizes[family]
+    return [d for d in docs if d["family"] in kept]
 
 
 def split(docs: Iterable[Document], heldout_frac: float) -> tuple[list[Document], list[Document]]:
