@@ -69,7 +69,7 @@ class Config:
 
 CONFIGS = {
     "cpu": Config(prompt_tokens=128, eval_tokens=128, train_tokens=128, max_steps=10, checkpoints=(1, 2, 5, 10),
-                  prompts_per_domain=3, sweep_prompts=3, learning_rates=(1e-4, 5e-4, 2e-3)),
+                  prompts_per_domain=2, sweep_prompts=3, learning_rates=(1e-4, 5e-4, 2e-3)),
     "paper": Config(prompt_tokens=512, eval_tokens=512, train_tokens=1024, max_steps=50,
                     checkpoints=(1, 2, 5, 10, 20, 50), prompts_per_domain=None, sweep_prompts=10,
                     learning_rates=(5e-5, 1e-4, 5e-4, 1e-3)),

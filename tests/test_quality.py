@@ -14,8 +14,8 @@ from benchmarks.quality import Config, Evaluator, Method, markdown, plots, promp
 from selection.selector import Selector
 from tests.conftest import STDLIB, tiny_llama_dir
 
-CONFIG = Config(prompt_tokens=24, eval_tokens=24, train_tokens=32, max_steps=3, checkpoints=(1, 2), prompts_per_domain=2,
-                sweep_prompts=1, learning_rates=(1e-3,), candidates=20)  # fmt: skip
+CONFIG = Config(prompt_tokens=24, eval_tokens=24, train_tokens=32, max_steps=3, checkpoints=(1, 2),
+                prompts_per_domain=2, sweep_prompts=1, learning_rates=(1e-3,), candidates=20)  # fmt: skip
 METHODS = [Method("base", None), Method("nn", "nn"), Method("sift", "sift"), Method("adaptive_sift", "sift", alpha=5.0)]
 
 
