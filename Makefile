@@ -4,7 +4,8 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: setup serve demo test bench
+.PHONY: setup serve demo test bench quality
+CORPUS := $(HOME)/.cache/sift-serve/corpus-6mb
 
 $(VENV_STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
@@ -29,3 +30,10 @@ bench: setup
 	$(PY) -m benchmarks.selection_speed
 	$(PY) -m benchmarks.trainer_speed
 	$(PY) -m benchmarks.latency
+
+# The quality benchmark's cpu configuration: a 6 MB cut of the corpus (whole families), its index, the run.
+quality: setup
+	$(PY) -m benchmarks.corpus.build --max-mb 6 --out $(CORPUS)
+	test -f $(CORPUS)/index/manifest.json || \
+		.venv/bin/sift-serve index build $(CORPUS)/train.jsonl --out $(CORPUS)/index --chunk-tokens 128
+	$(PY) -m benchmarks.quality --config cpu --corpus $(CORPUS) --index $(CORPUS)/index

@@ -195,6 +195,11 @@ def plots(results: dict, config: Config, out: Path, name: str) -> dict[str, floa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def save(fig, what: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / f"quality-{name}-{what}.png", dpi=120)
+        plt.close(fig)
+
     prompts = list(results["prompts"].values())
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in results["methods"]:
@@ -214,9 +219,7 @@ def plots(results: dict, config: Config, out: Path, name: str) -> dict[str, floa
     ax.set_xlabel("training steps")
     ax.set_ylabel("bits per byte (continuation), mean over prompts")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / f"quality-{name}-curves.png", dpi=120)
-    plt.close(fig)
+    save(fig, "curves")
 
     gains, sigmas = [], []
     for p in prompts:
@@ -232,9 +235,7 @@ def plots(results: dict, config: Config, out: Path, name: str) -> dict[str, floa
     ax.set_xlabel("SIFT posterior variance after the last pick")
     ax.set_ylabel("realised gain (base bpb - SIFT bpb)")
     ax.set_title(f"Pearson r = {corr:.2f}" if corr is not None else "too few points")
-    fig.tight_layout()
-    fig.savefig(out / f"quality-{name}-gain-vs-sigma2.png", dpi=120)
-    plt.close(fig)
+    save(fig, "gain-vs-sigma2")
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for m in results["methods"]:
@@ -246,9 +247,7 @@ def plots(results: dict, config: Config, out: Path, name: str) -> dict[str, floa
     ax.set_xlabel("mean training steps (compute)")
     ax.set_ylabel("bits per byte")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / f"quality-{name}-compute.png", dpi=120)
-    plt.close(fig)
+    save(fig, "compute")
     return {"sigma2_gain_correlation": corr}
 
 
