@@ -9,6 +9,7 @@ weights are frozen and never written; the adapter is exported as a PEFT director
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -270,7 +271,5 @@ class Trainer:
     def loss(self, text: str, adapter: bool = True, max_tokens: int | None = None) -> float:
         """Mean next-token loss of `text` under the current adapter (or the base model alone)."""
         ids = self._tokens(text, max_tokens or self.config.max_train_tokens)
-        if adapter:
-            return float(self.model(input_ids=ids, labels=ids).loss)
-        with self.model.disable_adapter():
+        with contextlib.nullcontext() if adapter else self.model.disable_adapter():
             return float(self.model(input_ids=ids, labels=ids).loss)

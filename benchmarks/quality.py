@@ -15,6 +15,7 @@ killed run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -113,13 +114,9 @@ class Evaluator:
         all_bytes = len(self.tokenizer.decode(prompt["ids"]).encode("utf-8"))
         prefix = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
         model = self.trainer.model
-        if adapter:
+        with contextlib.nullcontext() if adapter else model.disable_adapter():
             cont_bits = continuation_bits(model, context, continuation)
             doc_bits = continuation_bits(model, [prefix], prompt["ids"])
-        else:
-            with model.disable_adapter():
-                cont_bits = continuation_bits(model, context, continuation)
-                doc_bits = continuation_bits(model, [prefix], prompt["ids"])
         return {"bpb": cont_bits / cont_bytes, "bits": cont_bits, "bytes": cont_bytes,
                 "doc_bpb": doc_bits / all_bytes, "doc_bits": doc_bits, "doc_bytes": all_bytes}  # fmt: skip
 

@@ -19,18 +19,11 @@ from selection.build import default_index_dir
 from serving.app import create_app
 from serving.clients import HandleClient
 from serving.config import Resources, Settings
+from serving.generation import context_length
 from serving.openai_server import OpenAIServer
 from serving.services import GeneratorService, SelectorService, TrainerService, model_dir
 
 log = logging.getLogger(__name__)
-
-
-def max_model_len(settings: Settings) -> int:
-    """The generator's context length: the configured one, capped by the model's own."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir(settings))
-    return min(settings.generator.max_model_len, getattr(config, "max_position_embeddings", 1 << 30))
 
 
 @serve.deployment
@@ -52,7 +45,7 @@ class Ingress:
             HandleClient(selector),
             HandleClient(trainer),
             HandleClient(generator),
-            max_model_len(settings),
+            context_length(model, settings.generator),
             settings.server.served_model_name or model.name,
         )
 

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -56,7 +56,6 @@ class Chunk:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     """Per prompt token (first chunk only): {token id: logprob}, None for the first token."""
     load_adapter_s: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class Generator(Protocol):
@@ -69,6 +68,14 @@ class Generator(Protocol):
     def live_adapters(self) -> int: ...
 
     def shutdown(self) -> None: ...
+
+
+def context_length(model_dir: Path, config: GeneratorConfig) -> int:
+    """The generator's context length: the configured one, capped by the model's own."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(model_dir)
+    return min(config.max_model_len, getattr(model_config, "max_position_embeddings", config.max_model_len))
 
 
 def _logprob_dict(entry, chosen: int | None) -> dict[int, float]:
@@ -101,10 +108,11 @@ class VLLMGenerator(_CountsAdapters):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         dtype = config.dtype if config.dtype != "auto" else ("float32" if device == "cpu" else "auto")
+        self.max_model_len = context_length(model_dir, config)
         args = AsyncEngineArgs(
             model=str(model_dir),
             dtype=dtype,
-            max_model_len=config.max_model_len,
+            max_model_len=self.max_model_len,
             enable_lora=True,
             max_lora_rank=max_lora_rank,
             max_loras=config.max_loras,
@@ -114,7 +122,6 @@ class VLLMGenerator(_CountsAdapters):
             disable_log_stats=True,
         )
         self.engine = AsyncLLM.from_engine_args(args)
-        self.max_model_len = config.max_model_len
         self._lora_ids = itertools.count(1)
 
     async def generate(
@@ -182,7 +189,7 @@ class TransformersGenerator(_CountsAdapters):
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
         self.device = device
-        self.max_model_len = min(config.max_model_len, self.model.config.max_position_embeddings)
+        self.max_model_len = context_length(model_dir, config)
         self._lock = threading.Lock()
 
     async def generate(
