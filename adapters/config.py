@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from selection.config import Strict
+from infra.config import Strict
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -5,6 +5,9 @@ A plain object (no Ray inside) that loads the base model once and serves many re
 place, seeded), a new AdamW optimizer, one step per picked document in pick order (a repeated pick is
 another step), batch 1, causal-LM loss on the document truncated to `max_train_tokens`. The base
 weights are frozen and never written; the adapter is exported as a PEFT directory on tmpfs.
+
+Which documents to train on (and so the adaptive stopping rule) is selection's decision; the trainer
+stops early only for `max_steps`, the time budget or cancellation.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.config import TrainerConfig
 from adapters.handle import AdapterHandle, adapter_root, cleanup_stale, new_adapter_dir, remove_adapter_dir
-from selection.stopping import stops_before
+from selection.stopping import StopReason
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +46,10 @@ class TrainRequest:
 
     documents: Sequence[str]
     """Document texts in pick order (repeats allowed: each occurrence is one step)."""
-    sigma: Sequence[float] | None = None
-    """sigma_n after pick n (n = 1..len(documents)), for the adaptive rule; None disables it."""
-    document_ids: Sequence[str] | None = None
-    alpha: float | None = None
+    documents_end: StopReason = StopReason.MAX_STEPS
+    """Why the document list ends where it does (selection's stop reason): reported when all are trained on."""
+    request_id: str = ""
+    """The serving request this training is for (in log lines)."""
     max_steps: int | None = None
     learning_rate: float | None = None
     max_train_tokens: int | None = None
@@ -56,11 +59,7 @@ class TrainRequest:
     def __post_init__(self) -> None:
         if isinstance(self.documents, str) or any(not isinstance(d, str) for d in self.documents):
             raise ValueError("documents must be a sequence of strings")
-        if self.sigma is not None and len(self.sigma) < len(self.documents):
-            raise ValueError(f"{len(self.sigma)} sigma values for {len(self.documents)} documents")
-        if self.document_ids is not None and len(self.document_ids) != len(self.documents):
-            raise ValueError("document_ids must match documents one to one")
-        for name in ("alpha", "learning_rate", "time_budget_s"):
+        for name in ("learning_rate", "time_budget_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -70,21 +69,28 @@ class TrainRequest:
             raise ValueError(f"max_train_tokens must be >= 2, got {self.max_train_tokens}")
 
 
+@dataclass(frozen=True)
+class TrainStep:
+    """Progress: optimizer step `step` (1-based) is done, with this training loss."""
+
+    step: int
+    loss: float
+
+
 @dataclass
 class TrainResult:
     """The adapter (None when no step was taken or the request was cancelled) and what it cost."""
 
     adapter: AdapterHandle | None
     steps: int
-    stop_reason: str
-    """documents (all trained on), max_steps, alpha, time_budget or cancelled."""
+    stop_reason: StopReason
+    """The request's `documents_end` when every document was trained on, else max_steps, time_budget
+    or cancelled."""
     losses: list[float] = field(default_factory=list)
     tokens: int = 0
     train_seconds: float = 0.0
     export_seconds: float = 0.0
     queue_seconds: float = 0.0
-    documents: list[str] = field(default_factory=list)
-    """Ids (or positions) of the documents trained on, in order."""
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -140,10 +146,10 @@ class Trainer:
         self,
         request: TrainRequest,
         cancel: threading.Event | None = None,
-        progress: Callable[[int, float], None] | None = None,
+        progress: Callable[[TrainStep], None] | None = None,
     ) -> TrainResult:
         """Fit a fresh adapter for `request`; waits for earlier requests. `cancel` stops it within one step
-        (or while it waits); `progress(step, loss)` is called after each step. Raises TrainerBusyError when
+        (or while it waits); `progress` gets a `TrainStep` after each step. Raises TrainerBusyError when
         `max_waiting` requests are already queued."""
         with self._waiting_lock:
             if self._waiting >= self.config.max_waiting:
@@ -153,7 +159,7 @@ class Trainer:
         try:
             while not self._lock.acquire(timeout=0.05):
                 if cancel is not None and cancel.is_set():
-                    return TrainResult(None, 0, "cancelled", queue_seconds=time.monotonic() - arrived)
+                    return TrainResult(None, 0, StopReason.CANCELLED, queue_seconds=time.monotonic() - arrived)
         finally:
             with self._waiting_lock:
                 self._waiting -= 1
@@ -164,11 +170,6 @@ class Trainer:
             self._lock.release()
         result.queue_seconds = queued
         return result
-
-    @property
-    def waiting(self) -> int:
-        """Requests queued behind the one training now."""
-        return self._waiting
 
     def _reset_adapter(self, seed: int) -> None:
         torch.manual_seed(seed)
@@ -184,7 +185,7 @@ class Trainer:
         self,
         request: TrainRequest,
         cancel: threading.Event | None,
-        progress: Callable[[int, float], None] | None,
+        progress: Callable[[TrainStep], None] | None,
     ) -> TrainResult:
         cfg = self.config
         max_steps = cfg.max_steps if request.max_steps is None else request.max_steps
@@ -198,31 +199,24 @@ class Trainer:
             weight_decay=cfg.weight_decay,
         )
         losses: list[float] = []
-        trained: list[str] = []
         tokens = 0
-        reason = "documents"
+        reason: StopReason | None = None
         start = time.monotonic()
         self.model.train()
         try:
             for n, text in enumerate(request.documents, 1):
                 elapsed = time.monotonic() - start
                 if cancel is not None and cancel.is_set():
-                    reason = "cancelled"
+                    reason = StopReason.CANCELLED
                 elif n > max_steps:
-                    reason = "max_steps"
-                elif (
-                    request.alpha is not None
-                    and request.sigma is not None
-                    and stops_before(request.sigma[n - 1], n, request.alpha)
-                ):
-                    reason = "alpha"
+                    reason = StopReason.MAX_STEPS
                 elif budget is not None and losses and elapsed + elapsed / len(losses) > budget:
-                    reason = "time_budget"  # the next step would most likely overrun the budget
-                if reason != "documents":
+                    reason = StopReason.TIME_BUDGET  # the next step would most likely overrun the budget
+                if reason is not None:
                     break
                 ids = self._tokens(text, max_tokens)
                 if ids.shape[1] < 2:
-                    log.warning("skipping document %d: fewer than 2 tokens, nothing to predict", n)
+                    log.warning("%s: skipping document %d: fewer than 2 tokens", request.request_id, n)
                     continue
                 loss = self.model(input_ids=ids, labels=ids).loss
                 loss.backward()
@@ -230,17 +224,17 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
                 tokens += int(ids.shape[1])
-                trained.append(request.document_ids[n - 1] if request.document_ids else str(n - 1))
                 if progress is not None:
-                    progress(len(losses), losses[-1])
+                    progress(TrainStep(len(losses), losses[-1]))
         finally:
             self.model.eval()
             del optimizer
         train_seconds = time.monotonic() - start
         if cancel is not None and cancel.is_set():
-            reason = "cancelled"
+            reason = StopReason.CANCELLED
+        reason = reason or request.documents_end
         adapter, export_seconds = None, 0.0
-        if losses and reason != "cancelled":
+        if losses and reason != StopReason.CANCELLED:
             started = time.monotonic()
             adapter = self.export()
             export_seconds = time.monotonic() - started
@@ -252,7 +246,6 @@ class Trainer:
             tokens=tokens,
             train_seconds=train_seconds,
             export_seconds=export_seconds,
-            documents=trained,
         )
 
     def export(self) -> AdapterHandle:

@@ -49,10 +49,12 @@ def summary(rows: list[dict], wall: float) -> dict:
     ttft = [r["first_token"] for r in rows]
     out = {
         "requests": len(rows),
-        "e2e_p50": pct(e2e, 0.5), "e2e_p95": pct(e2e, 0.95),
-        "first_token_p50": pct(ttft, 0.5), "first_token_p95": pct(ttft, 0.95),
+        "e2e_p50": pct(e2e, 0.5),
+        "e2e_p95": pct(e2e, 0.95),
+        "first_token_p50": pct(ttft, 0.5),
+        "first_token_p95": pct(ttft, 0.95),
         "rps": len(rows) / wall,
-    }  # fmt: skip
+    }
     stages = [r["timings"] for r in rows if r.get("timings")]
     if stages:
         out["stages_mean"] = {k: statistics.mean(s[k] for s in stages) for k in stages[0]}
@@ -72,9 +74,13 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_t
     started = time.perf_counter()
     first, timings = None, None
     stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-        stream=True, extra_body={"ttft": ttft},
-    )  # fmt: skip
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        extra_body={"ttft": ttft},
+    )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content and first is None:
             first = time.perf_counter() - started
@@ -99,9 +105,9 @@ async def load(client, model: str, concurrency: int, per_client: int, max_tokens
 
 async def direct_engine(settings: Settings, concurrencies: list[int], per_client: int, max_tokens: int) -> dict:
     """The same plain requests on a bare vLLM AsyncLLM (no Ray, no HTTP, no adapters)."""
+    from serving.generation import Sampling, VLLMGenerator
     from transformers import AutoTokenizer
 
-    from serving.generation import Sampling, VLLMGenerator
     from serving.services import model_dir
 
     model = model_dir(settings)
@@ -115,8 +121,9 @@ async def direct_engine(settings: Settings, concurrencies: list[int], per_client
                 rows = []
                 for i in range(per_client):
                     prompt = PROMPTS[(w * per_client + i) % len(PROMPTS)]
-                    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                        add_generation_prompt=True, tokenize=True)  # fmt: skip
+                    ids = tokenizer.apply_chat_template(
+                        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+                    )
                     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
                     started, first = time.perf_counter(), None
                     sampling = Sampling(max_tokens=max_tokens, temperature=0)
@@ -164,8 +171,9 @@ def main() -> None:
     results: dict = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "settings": {"max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client, "ttft": ttft},
-        "ttft": {}, "plain": {},
-    }  # fmt: skip
+        "ttft": {},
+        "plain": {},
+    }
     ray.init(num_cpus=settings.server.ray_num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})

@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 from adapters.config import TrainerConfig
 from adapters.trainer import Trainer, TrainRequest
 from benchmarks.bpb import continuation_bits
-from selection.config import default_cache_dir
+from infra.config import default_cache_dir
+from infra.models import resolve_model
 from selection.embed import load_embedder
 from selection.index import CorpusIndex
-from selection.models import resolve_model
 from selection.selector import Selector
 
 log = logging.getLogger(__name__)
@@ -60,21 +60,42 @@ class Config:
     rank: int = 16
     methods: tuple[Method, ...] = field(
         default=(
-            Method("base", None), Method("nn", "nn"), Method("nn_f", "nn_f"), Method("uncertainty", "uncertainty"),
-            Method("random", "random"), Method("sift", "sift"), Method("sift_lambda_0.1", "sift", lambda_=0.1),
-            Method("sift_lambda_1", "sift", lambda_=1.0), Method("adaptive_sift", "sift", alpha=0.5),
+            Method("base", None),
+            Method("nn", "nn"),
+            Method("nn_f", "nn_f"),
+            Method("uncertainty", "uncertainty"),
+            Method("random", "random"),
+            Method("sift", "sift"),
+            Method("sift_lambda_0.1", "sift", lambda_=0.1),
+            Method("sift_lambda_1", "sift", lambda_=1.0),
+            Method("adaptive_sift", "sift", alpha=0.5),
             Method("adaptive_sift_alpha_1", "sift", alpha=1.0),
         )
-    )  # fmt: skip
+    )
 
 
 CONFIGS = {
-    "cpu": Config(prompt_tokens=128, eval_tokens=128, train_tokens=128, max_steps=10, checkpoints=(1, 2, 5, 10),
-                  prompts_per_domain=2, sweep_prompts=3, learning_rates=(1e-4, 5e-4, 2e-3)),
-    "paper": Config(prompt_tokens=512, eval_tokens=512, train_tokens=1024, max_steps=50,
-                    checkpoints=(1, 2, 5, 10, 20, 50), prompts_per_domain=None, sweep_prompts=10,
-                    learning_rates=(5e-5, 1e-4, 5e-4, 1e-3)),
-}  # fmt: skip
+    "cpu": Config(
+        prompt_tokens=128,
+        eval_tokens=128,
+        train_tokens=128,
+        max_steps=10,
+        checkpoints=(1, 2, 5, 10),
+        prompts_per_domain=2,
+        sweep_prompts=3,
+        learning_rates=(1e-4, 5e-4, 2e-3),
+    ),
+    "paper": Config(
+        prompt_tokens=512,
+        eval_tokens=512,
+        train_tokens=1024,
+        max_steps=50,
+        checkpoints=(1, 2, 5, 10, 20, 50),
+        prompts_per_domain=None,
+        sweep_prompts=10,
+        learning_rates=(5e-5, 1e-4, 5e-4, 1e-3),
+    ),
+}
 
 
 def _order(doc_id: str) -> str:
@@ -117,8 +138,14 @@ class Evaluator:
         with contextlib.nullcontext() if adapter else model.disable_adapter():
             cont_bits = continuation_bits(model, context, continuation)
             doc_bits = continuation_bits(model, [prefix], prompt["ids"])
-        return {"bpb": cont_bits / cont_bytes, "bits": cont_bits, "bytes": cont_bytes,
-                "doc_bpb": doc_bits / all_bytes, "doc_bits": doc_bits, "doc_bytes": all_bytes}  # fmt: skip
+        return {
+            "bpb": cont_bits / cont_bytes,
+            "bits": cont_bits,
+            "bytes": cont_bytes,
+            "doc_bpb": doc_bits / all_bytes,
+            "doc_bits": doc_bits,
+            "doc_bytes": all_bytes,
+        }
 
     def run(self, prompt: dict, method: Method, learning_rate: float, seed: int) -> dict:
         started = time.monotonic()
@@ -126,8 +153,15 @@ class Evaluator:
         if method.rule is None:
             return {"steps": 0, "curve": {"0": base}, "final": base, "sigma2": [], "seconds": 0.0}
         text = self.tokenizer.decode(prompt["ids"][: self.config.prompt_tokens])
-        picked = self.selector.select([text], self.config.max_steps, method=method.rule, lambda_=method.lambda_,
-                                      alpha=method.alpha, candidates=self.config.candidates, seed=seed)[0]  # fmt: skip
+        picked = self.selector.select(
+            [text],
+            self.config.max_steps,
+            method=method.rule,
+            lambda_=method.lambda_,
+            alpha=method.alpha,
+            candidates=self.config.candidates,
+            seed=seed,
+        )[0]
         curve = {"0": base}
         model = self.trainer.model
 
@@ -145,10 +179,15 @@ class Evaluator:
         if result.adapter is not None:
             result.adapter.release()
         return {
-            "steps": result.steps, "curve": curve, "final": final, "sigma2": picked.sigma2,
-            "documents": [d.id for d in picked.documents], "repeats": picked.repeats,
-            "losses": result.losses, "seconds": time.monotonic() - started,
-        }  # fmt: skip
+            "steps": result.steps,
+            "curve": curve,
+            "final": final,
+            "sigma2": picked.sigma2,
+            "documents": [d.id for d in picked.documents],
+            "repeats": picked.repeats,
+            "losses": result.losses,
+            "seconds": time.monotonic() - started,
+        }
 
 
 def summarise(results: dict, methods: list[str]) -> dict:
@@ -177,8 +216,11 @@ def markdown(summary: dict, methods: list[str]) -> str:
     lines = ["| domain | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for d, row in sorted(summary["per_domain"].items()):
         lines.append(f"| {d} | " + " | ".join(f"{row[m]:.3f}" if m in row else "" for m in methods) + " |")
-    lines.append("| **overall** | " + " | ".join(f"**{summary['overall'][m]:.3f}**" for m in methods
-                                               if m in summary["overall"]) + " |")  # fmt: skip
+    lines.append(
+        "| **overall** | "
+        + " | ".join(f"**{summary['overall'][m]:.3f}**" for m in methods if m in summary["overall"])
+        + " |"
+    )
     lines.append(
         "| steps | " + " | ".join(f"{summary['steps'][m]:.1f}" for m in methods if m in summary["steps"]) + " |"
     )
@@ -239,8 +281,11 @@ def plots(results: dict, config: Config, out: Path, name: str) -> dict[str, floa
         if m.startswith(("adaptive_sift", "sift")) and not m.startswith("sift_lambda"):
             runs = [p["methods"][m] for p in prompts if m in p["methods"]]
             if runs:
-                ax.scatter([statistics.mean(r["steps"] for r in runs)],
-                           [statistics.mean(r["final"]["bpb"] for r in runs)], label=m)  # fmt: skip
+                ax.scatter(
+                    [statistics.mean(r["steps"] for r in runs)],
+                    [statistics.mean(r["final"]["bpb"] for r in runs)],
+                    label=m,
+                )
     ax.set_xlabel("mean training steps (compute)")
     ax.set_ylabel("bits per byte")
     ax.legend(fontsize=7)
@@ -272,8 +317,13 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1))
 
-    trainer_config = TrainerConfig(max_steps=config.max_steps, max_train_tokens=config.train_tokens,
-                                   time_budget_s=None, rank=config.rank, device=args.device)  # fmt: skip
+    trainer_config = TrainerConfig(
+        max_steps=config.max_steps,
+        max_train_tokens=config.train_tokens,
+        time_budget_s=None,
+        rank=config.rank,
+        device=args.device,
+    )
     trainer = Trainer(model_dir, trainer_config)
     evaluator = Evaluator(trainer, selector, trainer.tokenizer, config)
     reported, sweep = prompts(args.corpus / "heldout.jsonl", trainer.tokenizer, config)

@@ -73,10 +73,16 @@ def retrieval_vs_sift(index: faiss.Index, embeddings: np.ndarray, queries: np.nd
     t_faiss16 = median_time(partial(retrieve, index, embeddings, queries, k), few)
     t_sift16 = median_time(partial(sift_batched, queries, retrieve(index, embeddings, queries, k).vectors), few)
     return {
-        "index_size": index.ntotal, "K": k, "N": N,
-        "faiss_s": t_faiss, "sift_s": t_sift, "sift_overhead": t_sift / t_faiss,
-        "faiss_16_s": t_faiss16, "sift_batched_16_s": t_sift16, "sift_overhead_16": t_sift16 / t_faiss16,
-    }  # fmt: skip
+        "index_size": index.ntotal,
+        "K": k,
+        "N": N,
+        "faiss_s": t_faiss,
+        "sift_s": t_sift,
+        "sift_overhead": t_sift / t_faiss,
+        "faiss_16_s": t_faiss16,
+        "sift_batched_16_s": t_sift16,
+        "sift_overhead_16": t_sift16 / t_faiss16,
+    }
 
 
 def bench_retrieval_vs_sift(sizes: list[int], ks: list[int], repeats: int) -> list[dict]:
@@ -120,11 +126,18 @@ def bench_against_activeft(size: int, ks: list[int], repeats: int) -> list[dict]
         t_ours = median_time(partial(sift_one, query, cands.vectors), repeats)
         t_theirs = statistics.median(activeft_sift)
         identical = [int(i) for i in ours] == [int(i) for i in theirs]
-        rows.append({
-            "index_size": size, "K": k, "N": N, "activeft_sift_s": t_theirs,
-            "activeft_faiss_s": statistics.median(activeft_faiss), "ours_sift_s": t_ours,
-            "speedup": t_theirs / t_ours, "identical_picks": identical,
-        })  # fmt: skip
+        rows.append(
+            {
+                "index_size": size,
+                "K": k,
+                "N": N,
+                "activeft_sift_s": t_theirs,
+                "activeft_faiss_s": statistics.median(activeft_faiss),
+                "ours_sift_s": t_ours,
+                "speedup": t_theirs / t_ours,
+                "identical_picks": identical,
+            }
+        )
         print(
             f"(b) K={k:<5} activeft SIFT {t_theirs * 1e3:8.1f} ms  ours {t_ours * 1e3:6.1f} ms  "
             f"speedup {t_theirs / t_ours:6.1f}x  identical picks: {identical}",
@@ -144,10 +157,17 @@ def bench_batching(ks: list[int], repeats: int) -> list[dict]:
             a[0].indices.tolist() == b.indices.tolist()
             for a, b in zip(sift_one(queries, cands), sift_batched(queries, cands), strict=True)
         )
-        rows.append({
-            "prompts": 16, "K": k, "N": N, "sequential_s": t_seq, "batched_s": t_bat,
-            "speedup": t_seq / t_bat, "identical_picks": same,
-        })  # fmt: skip
+        rows.append(
+            {
+                "prompts": 16,
+                "K": k,
+                "N": N,
+                "sequential_s": t_seq,
+                "batched_s": t_bat,
+                "speedup": t_seq / t_bat,
+                "identical_picks": same,
+            }
+        )
         print(
             f"(c) 16 prompts K={k:<5} sequential {t_seq * 1e3:8.1f} ms  batched {t_bat * 1e3:7.1f} ms  "
             f"speedup {t_seq / t_bat:5.1f}x  identical picks: {same}",

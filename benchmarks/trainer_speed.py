@@ -22,8 +22,8 @@ import torch
 
 from adapters.config import TrainerConfig
 from adapters.trainer import Trainer, TrainRequest
-from selection.config import default_cache_dir
-from selection.models import resolve_model
+from infra.config import default_cache_dir
+from infra.models import resolve_model
 
 
 def documents(count: int) -> list[str]:
@@ -102,10 +102,20 @@ def main() -> None:
     adapter_mb = sum(t.numel() * t.element_size() for t in trainer._adapter_tensors.values()) / 2**20
 
     results = {
-        "machine": {"platform": platform.platform(), "device": args.device,
-                    "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "settings": {"model": str(model_dir), "tokens_per_step": args.tokens, "steps": args.steps,
-                     "repeats": args.repeats, "rank": config.rank, "dtype": str(trainer.dtype)},
+        "machine": {
+            "platform": platform.platform(),
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "settings": {
+            "model": str(model_dir),
+            "tokens_per_step": args.tokens,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "rank": config.rank,
+            "dtype": str(trainer.dtype),
+        },
         "trainer_step_s": statistics.median(trainer_step),
         "bare_loop_step_s": statistics.median(bare_step),
         "ratio": statistics.median(trainer_step) / statistics.median(bare_step),
@@ -117,7 +127,7 @@ def main() -> None:
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_mb_before_model": rss_before,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-    }  # fmt: skip
+    }
     print(
         f"trainer {results['trainer_step_s']:.3f} s/step vs bare {results['bare_loop_step_s']:.3f} s/step "
         f"(ratio {results['ratio']:.3f}); {results['tokens_per_s']:.0f} tokens/s; export "

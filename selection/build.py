@@ -6,11 +6,11 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+from infra.models import resolve_model
 from selection.config import IndexConfig, ModelsConfig
 from selection.corpus import Document, chunk_documents, read_corpus, stdlib_documents
 from selection.embed import Embedder, load_embedder
 from selection.index import CorpusIndex, IndexMismatchError, tokenizer_fingerprint
-from selection.models import resolve_model
 
 log = logging.getLogger(__name__)
 

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-
-def default_cache_dir() -> Path:
-    """Where converted models and the default index live: $SIFT_SERVE_CACHE, else the user's cache dir."""
-    if os.environ.get("SIFT_SERVE_CACHE"):
-        return Path(os.environ["SIFT_SERVE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sift-serve"
-
-
-class Strict(BaseModel):
-    """Base for config sections: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+from infra.config import Strict, default_cache_dir
+from selection.stopping import MIN_LAMBDA
 
 
 class ModelsConfig(Strict):
@@ -58,7 +46,7 @@ class SelectionConfig(Strict):
     """How documents are picked for a prompt."""
 
     method: Literal["sift", "nn", "nn_f", "uncertainty", "random"] = "sift"
-    lambda_: float = Field(0.01, gt=0, alias="lambda")
+    lambda_: float = Field(0.01, ge=MIN_LAMBDA, alias="lambda")
     candidates: int = Field(200, gt=0, le=10000, description="K: documents retrieved from Faiss by |cos|")
     max_picks: int = Field(50, gt=0, le=1000, description="N: most documents picked")
     alpha: float | None = Field(None, gt=0, description="adaptive stopping: stop once sigma_n > 1/(alpha n)")

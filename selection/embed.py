@@ -93,7 +93,7 @@ class LMEmbedder:
 def load_embedder(kind: str, model_dir: Path | None, device: str = "cpu") -> Embedder:
     """'minilm' or 'base-model' (which needs the base model's directory)."""
     if kind == "minilm":
-        from selection.models import minilm_path
+        from infra.models import minilm_path
 
         return MiniLMEmbedder(minilm_path(), device=device)
     if kind == "base-model":

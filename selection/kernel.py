@@ -23,8 +23,8 @@ class ConditionedKernel:
     """Batched, incrementally conditioned linear kernel over candidates and targets.
 
     Padded candidates (mask False) get k(x, x) + lambda' = -1 and k(t, x) = 0, and stay so: every rule's
-    score ranks them at or below any real candidate, and ties go to the lower (real) index, so the greedy
-    loop needs no per-step masking.
+    score ranks them at or below any real candidate (SIFT's score is -inf there), and ties go to the
+    lower (real) index, so padding is never picked.
     """
 
     def __init__(
@@ -46,6 +46,7 @@ class ConditionedKernel:
         embedding_dtype = embedding_dtype or candidates.dtype
         self.dtype = candidates.dtype
         self.candidate_mask = candidate_mask
+        self._padding = ~candidate_mask
         self.lambda_ = lambda_
         # Scores this close (relative) to the best count as tied: rounding noise of the kernel columns.
         self.tie_tolerance = 1e4 * torch.finfo(torch.float64).eps + 64 * torch.finfo(embedding_dtype).eps
@@ -96,13 +97,17 @@ class ConditionedKernel:
         return self.ktt.sum(-1)
 
     def variance_reduction(self) -> torch.Tensor:
-        """sum_j k_n(t_j, x)^2 / (k_n(x, x) + lambda') for every candidate; (B, K)."""
-        return self._ktx.square().sum(1).div_(self._kxx_lambda[:, 0])
+        """sum_j k_n(t_j, x)^2 / (k_n(x, x) + lambda') for every candidate, -inf for padding; (B, K).
+
+        The denominator is clamped at lambda' (its exact lower bound), so rounding can never divide by ~0.
+        """
+        scores = self._ktx.square().sum(1).div_(self._kxx_lambda[:, 0].clamp_min(self.lambda_))
+        return scores.masked_fill_(self._padding, float("-inf"))
 
     def variance_reduction_at(self, picks: torch.Tensor) -> torch.Tensor:
         """`variance_reduction` for one candidate per prompt; (B,)."""
         kx, tx, _ = torch.take(self._state, self._state_index + picks[:, None]).split(self._split, dim=1)
-        return tx.square().sum(-1, keepdim=True).div_(kx)[:, 0]
+        return tx.square().sum(-1, keepdim=True).div_(kx.clamp_min(self.lambda_))[:, 0]
 
     def condition(self, picks: torch.Tensor, active: torch.Tensor | None = None) -> None:
         """Condition each prompt's kernel on its pick (picks: (B,) long); inactive prompts are left as is."""
@@ -114,7 +119,7 @@ class ConditionedKernel:
             column = column.to(self.dtype)
         if self.n:  # rows of v not yet picked are zero, so the full product is the sum over earlier picks
             column = torch.baddbmm(column, past.unsqueeze(1), self._v, alpha=-1)
-        scale = kx.rsqrt()  # (B, 1)
+        scale = kx.clamp_min(self.lambda_).rsqrt()  # (B, 1)
         if active is not None:
             scale = scale * active.unsqueeze(1)
         v = column * scale.unsqueeze(2)  # (B, 1, K)

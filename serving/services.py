@@ -1,28 +1,30 @@
 """The bodies of the Selector, Trainer and Generator deployments: thin async wrappers around the plain
 engines (`selection.Selector`, `adapters.Trainer`, a `Generator`), usable with or without Ray Serve.
 
-Each is constructed from the one `Settings` object, and each method is what a DeploymentHandle calls.
+Each is constructed from the one `Settings` object; each method is what a DeploymentHandle calls, and
+everything crossing it is a typed object (`SelectQuery` -> `SelectionResult`, `TrainRequest` ->
+`TrainStep`s then a `TrainResult`, a prompt and `Sampling` -> `Chunk`s).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.handle import AdapterHandle
-from adapters.trainer import Trainer, TrainRequest, TrainResult
+from adapters.trainer import Trainer, TrainRequest, TrainResult, TrainStep
+from infra.models import resolve_model
 from selection.build import default_index_dir
 from selection.embed import Embedder, load_embedder
 from selection.index import CorpusIndex, check_tokenizer
-from selection.models import resolve_model
-from selection.selector import Selector
+from selection.selector import SelectionResult, Selector
 from serving.config import Settings
-from serving.generation import Chunk, Sampling, make_generator
+from serving.engines import Chunk, Sampling, make_generator
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ def open_index(settings: Settings) -> tuple[CorpusIndex, Embedder]:
 
 @dataclass(frozen=True)
 class SelectQuery:
+    """One prompt's selection: pick up to `n` of its `candidates` nearest documents with `method`."""
+
     prompt: str
     n: int
     method: str
@@ -57,9 +61,16 @@ class SelectQuery:
     alpha: float | None
     candidates: int
 
+    def group(self) -> tuple:
+        """Queries with equal parameters are selected for in one batch."""
+        return (self.n, self.method, self.lambda_, self.alpha, self.candidates)
+
 
 class SelectorService:
-    """Selection for prompts; concurrent calls are batched into one `select_batch` per parameter set."""
+    """Selection for prompts; concurrent calls are batched into one `Selector.select` per parameter set.
+
+    A batch that fails is retried prompt by prompt, so one bad prompt fails only its own request.
+    """
 
     def __init__(self, settings: Settings) -> None:
         index, embedder = open_index(settings)
@@ -67,8 +78,11 @@ class SelectorService:
         self._lock = asyncio.Lock()
         self._pending: list[tuple[SelectQuery, asyncio.Future]] = []
 
-    async def select(self, query: SelectQuery) -> dict:
-        """Documents (with texts) and the variance trace for one prompt; see `Selector.select`."""
+    async def ready(self) -> str:
+        return f"ready ({len(self.selector.index)} documents)"
+
+    async def select(self, query: SelectQuery) -> SelectionResult:
+        """The picks (with texts) and the variance trace for one prompt; see `Selector.select`."""
         future = asyncio.get_running_loop().create_future()
         self._pending.append((query, future))
         async with self._lock:  # whoever holds the lock serves everything queued meanwhile, as one batch
@@ -77,43 +91,41 @@ class SelectorService:
                 await asyncio.to_thread(self._select_batch, batch)
         return await future
 
+    def _run(self, queries: list[SelectQuery]) -> list[SelectionResult]:
+        q = queries[0]
+        return self.selector.select(
+            [x.prompt for x in queries], q.n, method=q.method, lambda_=q.lambda_, alpha=q.alpha, candidates=q.candidates
+        )
+
     def _select_batch(self, batch: list[tuple[SelectQuery, asyncio.Future]]) -> None:
         groups: dict[tuple, list[tuple[SelectQuery, asyncio.Future]]] = {}
         for query, future in batch:
-            key = (query.n, query.method, query.lambda_, query.alpha, query.candidates)
-            groups.setdefault(key, []).append((query, future))
-        for (n, method, lambda_, alpha, candidates), items in groups.items():
+            groups.setdefault(query.group(), []).append((query, future))
+        for items in groups.values():
             try:
-                results = self.selector.select(
-                    [q.prompt for q, _ in items],
-                    n,
-                    method=method,
-                    lambda_=lambda_,
-                    alpha=alpha,
-                    candidates=candidates,
-                )
-                outcomes: list = [r.to_dict(with_text=True) for r in results]
-            except Exception as exc:  # each waiting request gets the error
-                outcomes = [exc] * len(items)
+                outcomes: list[SelectionResult | Exception] = list(self._run([q for q, _ in items]))
+            except Exception:
+                outcomes = []
+                for query, _ in items:  # find the culprit: each prompt alone
+                    try:
+                        outcomes.append(self._run([query])[0])
+                    except Exception as exc:
+                        outcomes.append(exc)
             for (_, future), outcome in zip(items, outcomes, strict=True):
-                loop = future.get_loop()
-                if isinstance(outcome, Exception):
-                    loop.call_soon_threadsafe(_settle, future, None, outcome)
-                else:
-                    loop.call_soon_threadsafe(_settle, future, outcome, None)
+                future.get_loop().call_soon_threadsafe(_settle, future, outcome)
 
 
-def _settle(future: asyncio.Future, value: object, error: Exception | None) -> None:
+def _settle(future: asyncio.Future, outcome: object) -> None:
     if future.done():
         return
-    if error is not None:
-        future.set_exception(error)
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
     else:
-        future.set_result(value)
+        future.set_result(outcome)
 
 
 class TrainerService:
-    """Test-time training as a stream: {"step", "loss"} after each step, then {"result": TrainResult}.
+    """Test-time training as a stream: a `TrainStep` after each step, then the `TrainResult`.
 
     Closing the stream early (a client disconnect cancels it) stops training within one step, and an
     adapter that was made but not handed over is deleted.
@@ -122,44 +134,41 @@ class TrainerService:
     def __init__(self, settings: Settings) -> None:
         self.trainer = Trainer(model_dir(settings), settings.trainer)
 
-    async def train(self, request: TrainRequest) -> AsyncIterator[dict]:
+    async def ready(self) -> str:
+        return "ready"
+
+    async def train(self, request: TrainRequest) -> AsyncIterator[TrainStep | TrainResult]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue[TrainStep | None] = asyncio.Queue()
         cancel = threading.Event()
-        holder: dict[str, object] = {}
+        outcome: list[TrainResult | BaseException] = []
 
         def work() -> None:
             try:
-                holder["result"] = self.trainer.train(
-                    request,
-                    cancel,
-                    lambda step, loss: loop.call_soon_threadsafe(queue.put_nowait, {"step": step, "loss": loss}),
+                outcome.append(
+                    self.trainer.train(request, cancel, lambda s: loop.call_soon_threadsafe(queue.put_nowait, s))
                 )
             except BaseException as exc:
-                holder["error"] = exc
+                outcome.append(exc)
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
-        thread = threading.Thread(target=work, name="ttft-train", daemon=True)
+        thread = threading.Thread(target=work, name=f"train-{request.request_id}", daemon=True)
         thread.start()
         delivered = False
         try:
-            while (event := await queue.get()) is not None:
-                yield event
-            if "error" in holder:
-                raise holder["error"]  # type: ignore[misc]
-            result: TrainResult = holder["result"]  # type: ignore[assignment]
-            yield {"result": result}
+            while (step := await queue.get()) is not None:
+                yield step
+            if isinstance(outcome[0], BaseException):
+                raise outcome[0]
+            yield outcome[0]
             delivered = True
         finally:
             cancel.set()
             await asyncio.to_thread(thread.join)
-            result = holder.get("result")
+            result = outcome[0] if outcome else None
             if not delivered and isinstance(result, TrainResult) and result.adapter is not None:
                 result.adapter.release()
-
-    def waiting(self) -> int:
-        return self.trainer.waiting
 
 
 class GeneratorService:
@@ -170,13 +179,23 @@ class GeneratorService:
             model_dir(settings), settings.generator, settings.trainer.rank, settings.trainer.device
         )
 
+    async def ready(self) -> str:
+        await self.generator.check_health()
+        return "ready"
+
+    async def check_health(self) -> None:
+        """Ray Serve's health probe: raising marks the replica unhealthy, and Serve replaces it."""
+        await self.generator.check_health()
+
     async def generate(
         self, request_id: str, prompt_ids: list[int], sampling: Sampling, adapter: AdapterHandle | None
     ) -> AsyncIterator[Chunk]:
-        async for chunk in self.generator.generate(request_id, prompt_ids, sampling, adapter):
-            yield chunk
+        async with aclosing(self.generator.generate(request_id, prompt_ids, sampling, adapter)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
-    def live_adapters(self) -> int:
+    async def loaded_adapters(self) -> int:
+        """Adapters the engine holds right now (0 between requests; for leak checks)."""
         return self.generator.live_adapters()
 
     def max_model_len(self) -> int:
@@ -185,8 +204,3 @@ class GeneratorService:
     def __del__(self) -> None:
         if hasattr(self, "generator"):  # construction may have failed
             self.generator.shutdown()
-
-
-def sigma_trace(sigma2: list[float]) -> list[float]:
-    """sigma_n after each pick (n >= 1) from the variance trace (prior first)."""
-    return [math.sqrt(max(0.0, v)) for v in sigma2[1:]]

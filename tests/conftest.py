@@ -18,8 +18,8 @@ SMALL_CORPUS_FILES = ["glob.py", "fnmatch.py", "shlex.py", "csv.py", "bisect.py"
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The converted SmolLM2-135M-Instruct (`sift-serve models fetch` runs before the tests)."""
-    from selection.config import default_cache_dir
-    from selection.models import fetch_default_model
+    from infra.config import default_cache_dir
+    from infra.models import fetch_default_model
 
     return fetch_default_model(default_cache_dir())
 
@@ -56,9 +56,15 @@ def small_index(small_corpus, tmp_path_factory, minilm, tokenizer):
     out = tmp_path_factory.mktemp("index") / "idx"
     chunks = chunk_documents(read_corpus(small_corpus), tokenizer, 128)
     index = CorpusIndex.build(
-        chunks, out, minilm, tokenizer_name="smollm2", tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        chunk_tokens=128, chunk_overlap=0, progress=False,
-    )  # fmt: skip
+        chunks,
+        out,
+        minilm,
+        tokenizer_name="smollm2",
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        chunk_tokens=128,
+        chunk_overlap=0,
+        progress=False,
+    )
     yield index
     index.close()
 
@@ -68,8 +74,8 @@ def tiny_llama_dir(path: Path, seed: int = 0, vocab_size: int = 512) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from selection.config import default_cache_dir
-    from selection.models import fetch_default_model
+    from infra.config import default_cache_dir
+    from infra.models import fetch_default_model
 
     tok = AutoTokenizer.from_pretrained(fetch_default_model(default_cache_dir()))
     torch.manual_seed(seed)

@@ -14,20 +14,40 @@ from benchmarks.quality import Config, Evaluator, Method, markdown, plots, promp
 from selection.selector import Selector
 from tests.conftest import STDLIB, tiny_llama_dir
 
-CONFIG = Config(prompt_tokens=24, eval_tokens=24, train_tokens=32, max_steps=3, checkpoints=(1, 2),
-                prompts_per_domain=2, sweep_prompts=1, learning_rates=(1e-3,), candidates=20)  # fmt: skip
+CONFIG = Config(
+    prompt_tokens=24,
+    eval_tokens=24,
+    train_tokens=32,
+    max_steps=3,
+    checkpoints=(1, 2),
+    prompts_per_domain=2,
+    sweep_prompts=1,
+    learning_rates=(1e-3,),
+    candidates=20,
+)
 METHODS = [Method("base", None), Method("nn", "nn"), Method("sift", "sift"), Method("adaptive_sift", "sift", alpha=5.0)]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, small_index, minilm):
     tiny = tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "llama")
-    trainer = Trainer(tiny, TrainerConfig(max_steps=3, max_train_tokens=32, time_budget_s=None,
-                                          adapter_dir=tmp_path_factory.mktemp("adapters")))  # fmt: skip
+    trainer = Trainer(
+        tiny,
+        TrainerConfig(
+            max_steps=3, max_train_tokens=32, time_budget_s=None, adapter_dir=tmp_path_factory.mktemp("adapters")
+        ),
+    )
     heldout = tmp_path_factory.mktemp("corpus") / "heldout.jsonl"
     docs = [("code", "shlex.py"), ("code", "glob.py"), ("code", "heapq.py"), ("docs", "fnmatch.py")]
-    heldout.write_text("".join(json.dumps({"id": f"{d}/{n}", "text": (STDLIB / n).read_text()[:4000], "domain": d,
-                                           "source": n, "family": n}) + "\n" for d, n in docs))  # fmt: skip
+    heldout.write_text(
+        "".join(
+            json.dumps(
+                {"id": f"{d}/{n}", "text": (STDLIB / n).read_text()[:4000], "domain": d, "source": n, "family": n}
+            )
+            + "\n"
+            for d, n in docs
+        )
+    )
     return Evaluator(trainer, Selector(small_index, minilm), trainer.tokenizer, CONFIG), heldout
 
 
@@ -61,6 +81,9 @@ def test_methods_run_and_summarise(setup, tmp_path):
     assert summary["steps"]["base"] == 0 and summary["steps"]["sift"] == 3
     assert "| **overall** |" in markdown(summary, results["methods"])
     extra = plots(results, CONFIG, tmp_path, "test")
-    assert {p.name for p in tmp_path.iterdir()} == {"quality-test-curves.png", "quality-test-gain-vs-sigma2.png",
-                                                  "quality-test-compute.png"}  # fmt: skip
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "quality-test-curves.png",
+        "quality-test-gain-vs-sigma2.png",
+        "quality-test-compute.png",
+    }
     assert "sigma2_gain_correlation" in extra

@@ -38,18 +38,26 @@ def served(tmp_path_factory, small_corpus, minilm, tokenizer):
 
     index_dir = tmp_path_factory.mktemp("e2e") / "index"
     CorpusIndex.build(
-        chunk_documents(read_corpus(small_corpus), tokenizer, 128), index_dir, minilm, tokenizer_name=MODEL,
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), chunk_tokens=128, chunk_overlap=0, progress=False,
-    ).close()  # fmt: skip
+        chunk_documents(read_corpus(small_corpus), tokenizer, 128),
+        index_dir,
+        minilm,
+        tokenizer_name=MODEL,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        chunk_tokens=128,
+        chunk_overlap=0,
+        progress=False,
+    ).close()
     adapters = tmp_path_factory.mktemp("adapters")
     port = free_port()
-    settings = Settings.model_validate({
-        "index_path": str(index_dir),
-        "selection": {"candidates": 30},
-        "trainer": {"max_steps": 2, "max_train_tokens": 64, "adapter_dir": str(adapters)},
-        "generator": {"max_model_len": 1024, "default_max_tokens": 8},
-        "server": {"port": port},
-    })  # fmt: skip
+    settings = Settings.model_validate(
+        {
+            "index_path": str(index_dir),
+            "selection": {"candidates": 30},
+            "trainer": {"max_steps": 2, "max_train_tokens": 64, "adapter_dir": str(adapters)},
+            "generator": {"max_model_len": 1024, "default_max_tokens": 8},
+            "server": {"port": port},
+        }
+    )
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -102,9 +110,13 @@ def test_chat_without_ttft_and_streaming(client, served):
 
 def test_completions_echo_logprobs(client):
     out = client.completions.create(
-        model=MODEL, prompt="import csv\nreader = csv.reader(", max_tokens=0, echo=True, logprobs=0,
+        model=MODEL,
+        prompt="import csv\nreader = csv.reader(",
+        max_tokens=0,
+        echo=True,
+        logprobs=0,
         extra_body={"ttft": {"enabled": False}},
-    )  # fmt: skip
+    )
     lp = out.choices[0].logprobs
     assert lp.token_logprobs[0] is None and all(x < 0 for x in lp.token_logprobs[1:])
 
@@ -127,7 +139,7 @@ def test_disconnect_mid_training_leaves_nothing_behind(served, client):
         "stream": True,
         "max_tokens": 8,
         "ttft": {"max_steps": 40, "max_train_tokens": 128},
-    }  # fmt: skip (about 40 s if it ran to the end)
+    }
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
         for line in response.iter_lines():
             if '"stage": "training"' in line:

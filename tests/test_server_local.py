@@ -1,7 +1,11 @@
 """The OpenAI server's Python objects without Ray: the official `openai` client against the FastAPI app
-in-process, on a tiny random Llama (transformers generator), a real MiniLM index and the real trainer."""
+in-process, on a tiny random Llama (transformers engine), a real MiniLM index and the real trainer."""
 
 from __future__ import annotations
+
+import asyncio
+import json
+import logging
 
 import httpx
 import openai
@@ -11,20 +15,31 @@ import torch
 from serving.app import create_app
 from serving.config import Settings
 from serving.openai_server import local_server
+from serving.services import SelectQuery
 from tests.conftest import tiny_llama_dir
+
+MODEL = "tiny-llama"
+MESSAGES = [{"role": "user", "content": "How do I read rows from a CSV file?"}]
 
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory, small_index) -> Settings:
-    tiny = tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "tiny-llama")
-    return Settings.model_validate({
-        "models": {"base_model": str(tiny)},
-        "index_path": str(small_index.directory),
-        "selection": {"candidates": 20},
-        "trainer": {"max_steps": 2, "max_train_tokens": 32, "learning_rate": 1e-3,
-                    "adapter_dir": str(tmp_path_factory.mktemp("adapters"))},
-        "generator": {"engine": "transformers", "max_model_len": 256, "default_max_tokens": 8},
-    })  # fmt: skip
+    tiny = tiny_llama_dir(tmp_path_factory.mktemp("tiny") / MODEL)
+    return Settings.model_validate(
+        {
+            "models": {"base_model": str(tiny)},
+            "index_path": str(small_index.directory),
+            "selection": {"candidates": 20},
+            "trainer": {
+                "max_steps": 2,
+                "max_train_tokens": 32,
+                "learning_rate": 1e-3,
+                "adapter_dir": str(tmp_path_factory.mktemp("adapters")),
+            },
+            "generator": {"engine": "transformers", "max_model_len": 256, "default_max_tokens": 8},
+            "server": {"limits": {"max_steps": 8, "candidates": 50}},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +49,8 @@ def server(settings):
 
 @pytest.fixture()
 def app(server):
-    server.settings.server.api_key = None
-    app = create_app()
-    app.state.server = server
-    return app
+    server.api_keys = []
+    return create_app(server)
 
 
 @pytest.fixture()
@@ -56,50 +69,76 @@ async def raw(app):
         yield c
 
 
-MESSAGES = [{"role": "user", "content": "How do I read rows from a CSV file?"}]
+def adapters_left(server) -> list:
+    return list(server.settings.trainer.adapter_dir.iterdir())
 
 
-def adapter_files(settings) -> list:
-    return list(settings.trainer.adapter_dir.iterdir())
+def gauge(server) -> float:
+    return server.metrics.adapters_live._value.get()
 
 
-async def test_chat_with_and_without_ttft(client, server, settings):
-    done = await client.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=5, temperature=0)
-    report = done.model_extra["ttft"]
-    assert report["enabled"] and report["adapter"] and report["steps"] == 2
+def sse_events(text: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+
+
+async def test_chat_with_and_without_adaptation(client, server):
+    done = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, temperature=0)
+    report = done.model_extra["adaptation"]
+    assert report["enabled"] and report["adapter"] and report["steps"] == 2 and report["stop_reason"] == "max_steps"
     assert len(report["documents"]) == 2 and len(report["sigma2"]) == 3
     assert set(report["timings"]) == {"queue", "select", "train", "load_adapter", "generate"}
     assert done.usage.completion_tokens == 5 and done.choices[0].finish_reason == "length"
-    assert adapter_files(settings) == [] and server.metrics.adapters_live._value.get() == 0
+    assert adapters_left(server) == [] and gauge(server) == 0
     plain = await client.chat.completions.create(
-        model="tiny-llama", messages=MESSAGES, max_tokens=5, temperature=0, extra_body={"ttft": {"enabled": False}}
+        model=MODEL, messages=MESSAGES, max_tokens=5, temperature=0, extra_body={"adaptation": {"enabled": False}}
     )
-    assert plain.model_extra["ttft"]["adapter"] is False and plain.model_extra["ttft"]["steps"] == 0
+    assert plain.model_extra["adaptation"]["adapter"] is False
+    assert plain.model_extra["adaptation"]["stop_reason"] == "disabled"
 
 
-async def test_streaming_sends_progress_then_tokens(client, settings):
+async def test_stream_without_progress_is_openai_shaped_only(raw, server):
+    body = {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "max_tokens": 4,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    response = await raw.post("/v1/chat/completions", json=body)
+    events = sse_events(response.text)
+    assert response.text.rstrip().endswith("data: [DONE]")
+    assert all(e["choices"] for e in events[:-1]) and events[-1]["usage"]["completion_tokens"] == 4
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant" and events[0]["adaptation"]["steps"] == 2
+    assert "stage" not in response.text and adapters_left(server) == []
+
+
+async def test_progress_events_are_opt_in(client, server):
     stream = await client.chat.completions.create(
-        model="tiny-llama", messages=MESSAGES, max_tokens=4, temperature=0, stream=True,
-        stream_options={"include_usage": True},
-    )  # fmt: skip
+        model=MODEL, messages=MESSAGES, max_tokens=4, stream=True, extra_body={"adaptation": {"progress": True}}
+    )
     chunks = [c async for c in stream]
-    stages = [c.model_extra["ttft"].get("stage") for c in chunks if c.model_extra.get("ttft") and not c.choices]
-    assert stages[0] == "selected" and stages.count("training") == 2
-    first_content = next(c for c in chunks if c.choices)
-    assert first_content.choices[0].delta.role == "assistant" and first_content.model_extra["ttft"]["steps"] == 2
-    assert chunks[-1].usage.completion_tokens == 4 and chunks[-1].choices == []
-    assert adapter_files(settings) == []
+    stages = [c.model_extra["adaptation"]["stage"] for c in chunks if not c.choices]
+    assert stages == ["selected", "training", "training"]
+    assert chunks[-1].model_extra["adaptation"]["steps"] == 2  # the full report rides on the finishing chunk
+    assert adapters_left(server) == []
 
 
-async def test_echo_logprobs_score_the_prompt(client, server, settings):
+async def test_heartbeat_comments_while_training(raw, server, monkeypatch):
+    monkeypatch.setattr(server.settings.server, "heartbeat_s", 0.001)
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "stream": True}
+    response = await raw.post("/v1/chat/completions", json=body)
+    assert ": keep-alive" in response.text.splitlines()
+
+
+async def test_echo_logprobs_score_the_prompt(client, server):
     prompt = "import csv\nwith open('x.csv') as f:"
     out = await client.completions.create(
-        model="tiny-llama", prompt=prompt, max_tokens=0, echo=True, logprobs=0, extra_body={"ttft": {"enabled": False}}
+        model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=0, extra_body={"adaptation": {"enabled": False}}
     )
     lp = out.choices[0].logprobs
     assert out.choices[0].text == prompt and lp.token_logprobs[0] is None
     ids = server.tokenizer(prompt).input_ids
-    model = server.generator.service.generator.model
+    model = server.clients["generator"].service.generator.model
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
     expected = [float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)]
@@ -107,69 +146,268 @@ async def test_echo_logprobs_score_the_prompt(client, server, settings):
     assert "".join(lp.tokens) == prompt
 
 
+async def test_n_choices_share_one_adapter_and_chat_logprobs(client, server):
+    done = await client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=3, n=2, seed=7, logprobs=True, top_logprobs=2
+    )
+    assert [c.index for c in done.choices] == [0, 1] and done.usage.completion_tokens == 6
+    assert done.model_extra["adaptation"]["steps"] == 2  # trained once
+    for choice in done.choices:
+        content = choice.logprobs.content
+        assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+        assert all(t.logprob <= 0 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
+    assert adapters_left(server) == []
+
+
+async def test_streamed_completion_logprobs_and_echo(client):
+    prompt = "def read_rows(path):"
+    stream = await client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=3,
+        echo=True,
+        logprobs=1,
+        stream=True,
+        temperature=0,
+        extra_body={"adaptation": {"enabled": False}},
+    )
+    chunks = [c async for c in stream if c.choices]
+    text = "".join(c.choices[0].text for c in chunks)
+    assert text.startswith(prompt)
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    whole = await client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=3,
+        echo=True,
+        logprobs=1,
+        temperature=0,
+        extra_body={"adaptation": {"enabled": False}},
+    )
+    assert text == whole.choices[0].text and tokens == whole.choices[0].logprobs.tokens
+
+
+async def test_sampling_extensions_reach_the_engine(client):
+    plain = {"adaptation": {"enabled": False}}
+
+    async def text(**kwargs) -> tuple[str, str]:
+        extra = {**plain, **kwargs.pop("extra", {})}
+        out = await client.completions.create(model=MODEL, prompt="import csv", extra_body=extra, **kwargs)
+        return out.choices[0].text, out.choices[0].finish_reason
+
+    greedy = await text(max_tokens=6, temperature=0)
+    assert await text(max_tokens=6, temperature=1.0, extra={"top_k": 1}) == greedy  # top-k 1 is greedy
+    seeded = await text(max_tokens=6, temperature=1.0, seed=3)
+    assert await text(max_tokens=6, temperature=1.0, seed=3) == seeded
+    assert await text(max_tokens=6, temperature=0, extra={"repetition_penalty": 5.0}) != greedy
+    forced = await client.completions.create(
+        model=MODEL, prompt="import csv", max_tokens=5, temperature=0, extra_body={**plain, "ignore_eos": True}
+    )
+    assert forced.usage.completion_tokens == 5 and forced.choices[0].finish_reason == "length"
+
+
 @pytest.mark.parametrize(
     "body,status,code_or_param",
     [
-        ({"ttft": {"max_step": 2}}, 400, "ttft.max_step"),
-        ({"ttft": {"alpha": -1}}, 400, "ttft.alpha"),
-        ({"n": 2}, 400, "n"),
-        ({"bogus": 1}, 400, "bogus"),
+        ({"adaptation": {"max_step": 2}}, 400, "adaptation.max_step"),
+        ({"adaptation": {"alpha": -1}}, 400, "adaptation.alpha"),
+        ({"adaptation": {"lambda": 1e-8}}, 400, "adaptation.lambda"),
+        ({"adaptation": {"max_steps": 9}}, 400, "server.limits.max_steps"),
+        ({"adaptation": {"candidates": 51}}, 400, "server.limits.candidates"),
+        ({"adaptation": {"time_budget_s": 1e9}}, 400, "server.limits.time_budget_s"),
+        ({"adaptation": {"max_train_tokens": 4096}}, 400, "server.limits.max_train_tokens"),
+        ({"n": 9}, 400, "n"),
+        ({"seed": 2**64}, 400, "seed"),
+        ({"seed": -(2**63) - 1}, 400, "seed"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+        ({"response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({"logit_bias": {"50256": -100}}, 400, "logit_bias"),
+        ({"top_logprobs": 2}, 400, "top_logprobs"),
         ({"model": "gpt-4"}, 404, "model_not_found"),
         ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "context_length_exceeded"),
         ({"max_tokens": 10_000}, 400, "context_length_exceeded"),
         ({"messages": []}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": "\ud800 lone surrogate"}]}, 400, "surrogate"),
     ],
 )
 async def test_bad_requests_get_openai_errors(raw, body, status, code_or_param):
-    payload = {"model": "tiny-llama", "messages": MESSAGES, **body}
-    response = await raw.post("/v1/chat/completions", json=payload)
-    assert response.status_code == status
+    payload = {"model": MODEL, "messages": MESSAGES, **body}
+    response = await raw.post(
+        "/v1/chat/completions", content=json.dumps(payload), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert code_or_param in (error["code"], error["param"]) or code_or_param in error["message"]
 
 
-async def test_invalid_json_auth_and_capacity(raw, server):
-    bad = await raw.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
-    assert bad.status_code == 400 and "JSON" in bad.json()["error"]["message"]
-    server.settings.server.api_key = "sekrit"
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+async def test_non_finite_numbers_are_refused(raw, literal):
+    body = '{"model": "%s", "messages": %s, "temperature": %s}' % (MODEL, json.dumps(MESSAGES), literal)
+    response = await raw.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "temperature"
+
+
+async def test_unknown_fields_are_ignored_with_one_warning(raw, caplog):
+    body = {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "max_tokens": 2,
+        "store": False,
+        "metadata": {"a": "b"},
+        "parallel_tool_calls": True,
+        "service_tier": "auto",
+        "adaptation": {"enabled": False},
+    }
+    with caplog.at_level(logging.WARNING, logger="serving.app"):
+        response = await raw.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    warnings = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    assert warnings == ["ignoring unsupported request fields: metadata, parallel_tool_calls, service_tier, store"]
+
+
+async def test_operator_switch_and_whitespace_prompts(raw, server, monkeypatch):
+    monkeypatch.setattr(server.settings.server, "adaptation_enabled", False)
+    on = await raw.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "adaptation": {"enabled": True}}
+    )
+    assert on.status_code == 400 and on.json()["error"]["code"] == "adaptation_disabled"
+    off = await raw.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2})
+    assert off.status_code == 200 and off.json()["adaptation"]["enabled"] is False
+    monkeypatch.setattr(server.settings.server, "adaptation_enabled", True)
+    blank = await raw.post("/v1/completions", json={"model": MODEL, "prompt": "   \n "})
+    assert blank.status_code == 400 and blank.json()["error"]["param"] == "prompt"
+
+
+async def test_one_invalid_prompt_fails_only_itself_in_a_selection_batch(server):
+    selector = server.clients["selector"].service
+    queries = [SelectQuery(p, 2, "sift", 0.01, None, 10) for p in ("csv rows", "   ", "heap queue")]
+    outcomes = await asyncio.gather(*(selector.select(q) for q in queries), return_exceptions=True)
+    assert isinstance(outcomes[1], ValueError)
+    assert len(outcomes[0].documents) == 2 and len(outcomes[2].documents) == 2
+
+
+async def test_body_size_limit(raw, server):
+    big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * (server.settings.server.max_body_bytes + 1)}]}
+    response = await raw.post("/v1/chat/completions", json=big)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+
+
+async def test_auth_on_every_route_but_health(raw, server, monkeypatch):
+    server.api_keys = ["first-key", "second-key"]
     try:
-        assert (await raw.get("/v1/models")).status_code == 401
-        ok = await raw.get("/v1/models", headers={"Authorization": "Bearer sekrit"})
-        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "tiny-llama"
+        for path in ("/v1/models", "/metrics", "/docs", "/openapi.json"):
+            denied = await raw.get(path)
+            assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key", path
+        assert (await raw.get("/v1/models", headers={"Authorization": "Bearer wrong"})).status_code == 401
+        ok = await raw.get("/v1/models", headers={"Authorization": "Bearer second-key"})
+        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == MODEL
+        assert (await raw.get("/health")).status_code == 200
     finally:
-        server.settings.server.api_key = None
+        server.api_keys = []
+
+
+async def test_metrics_public_and_capacity(server, raw):
+    server.api_keys = ["k"]
+    server.settings.server.metrics_public = True
+    try:
+        public = await httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(server)), base_url="http://t"
+        ).get("/metrics")
+        assert public.status_code == 200 and "sift_adapters_live" in public.text and "csv" not in public.text.lower()
+    finally:
+        server.api_keys, server.settings.server.metrics_public = [], False
     server._in_flight = server.settings.server.max_pending
     try:
-        full = await raw.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": MESSAGES})
+        full = await raw.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES})
         assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+        assert full.headers["retry-after"] == "1"
     finally:
         server._in_flight = 0
 
 
-async def test_health_models_metrics(raw):
-    assert (await raw.get("/health")).json() == {"status": "ok"}
-    metrics = (await raw.get("/metrics")).text
-    for name in ("sift_requests_total", "sift_stage_seconds", "sift_steps_trained_total", "sift_adapters_live"):
-        assert name in metrics
+async def test_request_id_in_header_response_and_logs(raw, caplog):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "adaptation": {"enabled": False}, "bogus": 1}
+    with caplog.at_level(logging.WARNING):
+        response = await raw.post("/v1/chat/completions", json=body, headers={"X-Request-Id": "req-42"})
+    assert response.headers["x-request-id"] == "req-42" and response.json()["id"] == "chatcmpl-req-42"
+    assert any(getattr(r, "request_id", None) == "req-42" for r in caplog.records if "ignoring" in r.getMessage())
+    forged = await raw.get("/health", headers={"X-Request-Id": "bad id\nINFO forged"})
+    assert forged.headers["x-request-id"] != "bad id\nINFO forged"
 
 
-async def test_training_failure_falls_back_to_the_base_model(client, server, monkeypatch, settings):
+async def test_cors_only_when_configured(server):
+    server.settings.server.cors_origins = ["https://app.example"]
+    try:
+        app = create_app(server)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            pre = await c.options(
+                "/v1/chat/completions",
+                headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+            )
+            assert pre.headers["access-control-allow-origin"] == "https://app.example"
+    finally:
+        server.settings.server.cors_origins = []
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(server)), base_url="http://t") as c:
+        assert "access-control-allow-origin" not in (await c.get("/health", headers={"Origin": "https://x"})).headers
+
+
+async def test_health_names_the_part_that_is_not_ready(raw, server, monkeypatch):
+    assert (await raw.get("/health")).json()["status"] == "ok"
+
+    async def down() -> str:
+        raise RuntimeError("engine gone")
+
+    monkeypatch.setattr(server.clients["generator"].service, "ready", down)
+    response = await raw.get("/health")
+    assert response.status_code == 503 and response.json()["parts"]["generator"].startswith("not ready")
+    assert response.json()["parts"]["selector"].startswith("ready")
+
+
+async def test_openapi_describes_the_typed_api(raw):
+    schema = (await raw.get("/openapi.json")).json()
+    chat = schema["paths"]["/v1/chat/completions"]["post"]
+    assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("ChatCompletionRequest")
+    assert "AdaptationOptions" in schema["components"]["schemas"]
+    assert "ChatCompletionResponse" in json.dumps(chat["responses"]["200"])
+
+
+async def test_training_failure_falls_back_to_the_base_model(client, server, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(server.trainer.service.trainer, "train", broken)
-    done = await client.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=3)
-    report = done.model_extra["ttft"]
+    monkeypatch.setattr(server.clients["trainer"].service.trainer, "train", broken)
+    done = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3)
+    report = done.model_extra["adaptation"]
     assert report["adapter"] is False and report["stop_reason"] == "error" and "base model" in report["error"]
     assert done.choices[0].message.content is not None
+
+
+async def test_streamed_errors_after_the_first_byte(raw, server, monkeypatch):
+    engine = server.clients["generator"].service.generator
+    decode = engine._decode
+
+    def decode_then_fail(model, prompt_ids, sampling, index, stop, emit, load_s):
+        def emit_then_fail(chunk):
+            emit(chunk)
+            raise RuntimeError("secret engine detail")
+
+        decode(model, prompt_ids, sampling, index, stop, emit_then_fail, load_s)
+
+    monkeypatch.setattr(engine, "_decode", decode_then_fail)
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "stream": True}
+    response = await raw.post("/v1/chat/completions", json=body)
+    lines = [line for line in response.text.splitlines() if line.startswith("data: ")]
+    assert json.loads(lines[-2][6:])["error"]["type"] == "server_error" and lines[-1] == "data: [DONE]"
+    assert "secret" not in response.text
+    assert adapters_left(server) == [] and gauge(server) == 0
 
 
 async def test_unexpected_errors_do_not_leak_internals(raw, server, monkeypatch):
     def broken(*args, **kwargs):
         raise KeyError("secret internal detail")
 
-    monkeypatch.setattr(server, "_chat_prompt", broken)
-    response = await raw.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": MESSAGES})
+    monkeypatch.setattr(server, "_chat_prompt_ids", broken)
+    response = await raw.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES})
     assert response.status_code == 500
     assert "secret" not in response.text and "Traceback" not in response.text

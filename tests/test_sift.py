@@ -136,7 +136,7 @@ def test_repeats_are_allowed_and_reported():
     target, candidates = random_problem(3, 4, seed=5)
     sel = select(target, candidates, 8, lambda_=0.5)
     assert len(sel.indices) == 8 and sel.repeats == 8 - len(set(sel.indices.tolist())) > 0
-    assert sel.stop_reason == "n"
+    assert sel.stop_reason == "max_steps"
 
 
 def test_ties_break_to_lowest_index():
@@ -157,7 +157,7 @@ def test_adaptive_stopping_truncates_at_first_violation():
         assert len(sel.indices) == expected
         assert sel.indices.tolist() == full.indices[:expected].tolist()
         assert torch.allclose(sel.sigma2, full.sigma2[: expected + 1])
-        assert sel.stop_reason == ("alpha" if violations else "n")
+        assert sel.stop_reason == ("alpha" if violations else "max_steps")
 
 
 def test_adaptive_stopping_can_stop_before_the_first_step():

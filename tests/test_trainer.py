@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from adapters.config import TrainerConfig
 from adapters.handle import cleanup_stale
 from adapters.trainer import Trainer, TrainerBusyError, TrainRequest
+from selection.stopping import StopReason
 from tests.conftest import STDLIB, tiny_llama_dir
 
 TEXT = (STDLIB / "bisect.py").read_text()[:1500]
@@ -56,7 +57,7 @@ class CancelAfter(threading.Event):
 def test_training_lowers_the_loss_on_the_document(trainer):
     before = trainer.loss(TEXT, adapter=False)
     result = trainer.train(TrainRequest(documents=[TEXT] * 5))
-    assert result.steps == 5 and result.stop_reason == "documents" and result.adapter is not None
+    assert result.steps == 5 and result.stop_reason == "max_steps" and result.adapter is not None
     assert trainer.loss(TEXT) < before - 0.05
     assert result.losses[-1] < result.losses[0]
     assert result.tokens == 5 * 64 and result.train_seconds > 0 and result.export_seconds > 0
@@ -104,8 +105,8 @@ def test_stopping_rules(trainer):
     capped = trainer.train(TrainRequest(documents=docs, max_steps=2))
     assert (capped.steps, capped.stop_reason) == (2, "max_steps")
     capped.adapter.release()
-    # sigma_n > 1 / (alpha n) first at n = 3 with alpha = 1: 0.3 <= 1, 0.4 <= 0.5, 0.35 > 0.333
-    adaptive = trainer.train(TrainRequest(documents=docs, sigma=[0.3, 0.4, 0.35, 0.1, 0.1], alpha=1.0))
+    # Every document trained on: the reason is why selection ended the list (here, adaptive SIFT).
+    adaptive = trainer.train(TrainRequest(documents=docs[:2], documents_end=StopReason.ALPHA))
     assert (adaptive.steps, adaptive.stop_reason) == (2, "alpha")
     adaptive.adapter.release()
     budget = trainer.train(TrainRequest(documents=docs * 4, time_budget_s=1e-6))
@@ -166,13 +167,13 @@ def test_a_full_queue_is_refused(tiny_dir, adapter_root):
     trainer._lock.acquire()  # a long request in progress
     waiter = threading.Thread(target=lambda: trainer.train(TrainRequest(documents=[]), cancel=CancelAfter(40)))
     waiter.start()
-    while trainer.waiting == 0:
+    while trainer._waiting == 0:
         time.sleep(0.001)
     with pytest.raises(TrainerBusyError):
         trainer.train(TrainRequest(documents=[TEXT]))
     waiter.join()
     trainer._lock.release()
-    assert trainer.waiting == 0
+    assert trainer._waiting == 0
 
 
 def test_stale_directories_of_dead_processes_are_removed(tmp_path):
@@ -189,11 +190,9 @@ def test_stale_directories_of_dead_processes_are_removed(tmp_path):
     "kwargs,message",
     [
         ({"documents": "one string"}, "sequence of strings"),
-        ({"documents": ["a", "b"], "sigma": [0.1]}, "sigma"),
         ({"documents": ["a"], "learning_rate": -1.0}, "learning_rate"),
         ({"documents": ["a"], "max_steps": -1}, "max_steps"),
         ({"documents": ["a"], "max_train_tokens": 1}, "max_train_tokens"),
-        ({"documents": ["a"], "document_ids": ["x", "y"]}, "document_ids"),
     ],
 )
 def test_bad_requests_are_clear_errors(kwargs, message):

@@ -57,9 +57,14 @@ def test_adapter_loads_in_vllm_and_changes_greedy_output_like_peft(trained, defa
     hf_base, hf_lora = greedy_hf(trainer, adapter=False), greedy_hf(trainer, adapter=True)
     assert hf_base != hf_lora
     llm = LLM(
-        model=str(default_model_dir), enable_lora=True, max_lora_rank=16, max_loras=1, dtype="float32",
-        enforce_eager=True, max_model_len=512,
-    )  # fmt: skip
+        model=str(default_model_dir),
+        enable_lora=True,
+        max_lora_rank=16,
+        max_loras=1,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=512,
+    )
     try:
         params = SamplingParams(max_tokens=16, temperature=0)
         base = llm.generate([PROMPT], params)[0].outputs[0].token_ids

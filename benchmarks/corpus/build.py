@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.corpus.fetch import FetchError, fetch
 from benchmarks.corpus.recipes import RECIPES, Document, Recipe
-from selection.config import default_cache_dir
+from infra.config import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,10 @@ def build(out: Path, cache: Path, domains: list[str], max_mb: float | None, held
             for doc in held:
                 held_f.write(json.dumps(doc, ensure_ascii=False) + "\n")
             manifest["domains"][recipe.domain] = {
-                "pins": [vars(p) for p in recipe.pins], "train": _stats(train), "heldout": _stats(held),
-            }  # fmt: skip
+                "pins": [vars(p) for p in recipe.pins],
+                "train": _stats(train),
+                "heldout": _stats(held),
+            }
             log.info("%s: %d train, %d held-out documents", recipe.domain, len(train), len(held))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -103,13 +105,16 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        manifest = build(args.out, args.cache or args.out / "packages", args.domains.split(","), args.max_mb,
-                         args.heldout_frac)  # fmt: skip
+        manifest = build(
+            args.out, args.cache or args.out / "packages", args.domains.split(","), args.max_mb, args.heldout_frac
+        )
     except (FetchError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     for domain, info in manifest["domains"].items():
-        print(f"{domain:>13}: train {info['train']['documents']:6d} docs {info['train']['bytes'] / 1e6:7.2f} MB | "
-              f"held out {info['heldout']['documents']:5d} docs {info['heldout']['bytes'] / 1e6:6.2f} MB")  # fmt: skip
+        print(
+            f"{domain:>13}: train {info['train']['documents']:6d} docs {info['train']['bytes'] / 1e6:7.2f} MB | "
+            f"held out {info['heldout']['documents']:5d} docs {info['heldout']['bytes'] / 1e6:6.2f} MB"
+        )
     print(f"wrote {args.out}")
 
 

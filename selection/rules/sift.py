@@ -12,11 +12,12 @@ from selection.kernel import ConditionedKernel
 
 
 def first_argmax(scores: torch.Tensor, tolerance: float) -> torch.Tensor:
-    """Row-wise argmax of non-negative scores; ties go to the lowest index.
+    """Row-wise argmax of scores (non-negative where real); ties go to the lowest index; NaN never wins.
 
     Exact copies of a document tie in exact arithmetic but can differ in the last bits after a matrix
     product, so scores within `tolerance` (relative) of the maximum count as tied.
     """
+    scores = scores.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     tied = scores >= scores.amax(-1, keepdim=True) * (1.0 - tolerance)
     return tied.byte().argmax(-1)  # argmax returns the first maximal index
 

@@ -1,0 +1,26 @@
+"""The engines that answer, one module each, behind the `Generator` protocol (`base`).
+
+`vllm_engine.VLLMGenerator` is the primary engine (vLLM's AsyncLLM with per-request LoRA);
+`transformers_engine.TransformersGenerator` is the fallback where vLLM cannot run and the engine of
+unit tests. `make_generator` picks one from the configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from serving.config import GeneratorConfig
+from serving.engines.base import Chunk, Generator, Sampling, SamplingDefaults, context_length
+
+__all__ = ["Chunk", "Generator", "Sampling", "SamplingDefaults", "context_length", "make_generator"]
+
+
+def make_generator(model_dir: Path, config: GeneratorConfig, adapter_rank: int, device: str) -> Generator:
+    """The configured engine over `model_dir`, able to load adapters of rank `adapter_rank`."""
+    if config.engine == "vllm":
+        from serving.engines.vllm_engine import VLLMGenerator
+
+        return VLLMGenerator(model_dir, config, adapter_rank, device)
+    from serving.engines.transformers_engine import TransformersGenerator
+
+    return TransformersGenerator(model_dir, config, device)

@@ -1,0 +1,168 @@
+"""`VLLMGenerator`: vLLM's AsyncLLM with a LoRA adapter per request.
+
+Per adapted request: add_lora -> generate (streamed as deltas) -> remove_lora -> delete the adapter
+directory. vLLM's own unload does not free our files, and a failing remove_lora must not leave them,
+so the directory is deleted whatever the engine says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from adapters.handle import AdapterHandle
+from serving.config import GeneratorConfig
+from serving.engines.base import Chunk, Sampling, TokenLogprobs, context_length
+
+log = logging.getLogger(__name__)
+
+
+def engine_lora_rank(adapter_rank: int) -> int:
+    """The smallest `max_lora_rank` this vLLM accepts that holds adapters of `adapter_rank`.
+
+    vLLM only accepts a fixed set of ranks for its LoRA buffers; an adapter of a smaller rank loads into
+    a larger buffer, so the trainer's rank is rounded up rather than refused.
+    """
+    from vllm.config.lora import LoRAConfig
+
+    allowed = sorted(_allowed_ranks(LoRAConfig))
+    fits = [r for r in allowed if r >= adapter_rank]
+    if not fits:
+        raise ValueError(f"trainer.rank {adapter_rank} exceeds the largest LoRA rank vLLM supports ({allowed[-1]})")
+    return fits[0]
+
+
+def _allowed_ranks(lora_config_cls) -> tuple[int, ...]:
+    import typing
+
+    hint = typing.get_type_hints(lora_config_cls, include_extras=True)["max_lora_rank"]
+    return typing.get_args(hint)
+
+
+def _logprob_dict(entry, chosen: int | None) -> TokenLogprobs:
+    """vLLM's {token: Logprob} as {token: float}, the chosen token first."""
+    out = {}
+    if chosen is not None and chosen in entry:
+        out[chosen] = float(entry[chosen].logprob)
+    for token, lp in entry.items():
+        out.setdefault(int(token), float(lp.logprob))
+    return out
+
+
+class VLLMGenerator:
+    """vLLM AsyncLLM with per-request LoRA adapters."""
+
+    def __init__(self, model_dir: Path, config: GeneratorConfig, adapter_rank: int, device: str = "cpu") -> None:
+        if device == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        dtype = config.dtype if config.dtype != "auto" else ("float32" if device == "cpu" else "auto")
+        self.max_model_len = context_length(model_dir, config)
+        args = AsyncEngineArgs(
+            model=str(model_dir),
+            dtype=dtype,
+            max_model_len=self.max_model_len,
+            enable_lora=True,
+            max_lora_rank=engine_lora_rank(adapter_rank),
+            max_loras=config.max_loras,
+            max_cpu_loras=max(config.max_cpu_loras or config.max_loras, config.max_loras),
+            enforce_eager=device == "cpu",
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            disable_log_stats=True,
+        )
+        self.engine = AsyncLLM.from_engine_args(args)
+        self._lora_ids = itertools.count(1)
+        self._live = 0
+
+    def live_adapters(self) -> int:
+        return self._live
+
+    async def list_adapters(self) -> set[int]:
+        """Ids of the adapters the engine holds right now (for leak checks)."""
+        return set(await self.engine.list_loras())
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], sampling: Sampling, adapter: AdapterHandle | None
+    ) -> AsyncIterator[Chunk]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
+
+        lora, load_s = None, 0.0
+        try:
+            if adapter is not None:
+                started = time.monotonic()
+                lora = LoRARequest(adapter.name, next(self._lora_ids), str(adapter.path))
+                await self.engine.add_lora(lora)
+                self._live += 1
+                load_s = time.monotonic() - started
+            params = SamplingParams(
+                n=sampling.n,
+                max_tokens=max(1, sampling.max_tokens),
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                min_p=sampling.min_p,
+                repetition_penalty=sampling.repetition_penalty,
+                presence_penalty=sampling.presence_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+                stop=list(sampling.stop) or None,
+                seed=sampling.seed,
+                min_tokens=sampling.min_tokens,
+                ignore_eos=sampling.ignore_eos,
+                skip_special_tokens=sampling.skip_special_tokens,
+                include_stop_str_in_output=sampling.include_stop_str_in_output,
+                logprobs=sampling.logprobs,
+                prompt_logprobs=sampling.prompt_logprobs,
+                output_kind=RequestOutputKind.DELTA,
+            )
+            first = True
+            stream = self.engine.generate(
+                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=lora
+            )
+            async for out in stream:
+                for o in out.outputs:
+                    chunk = Chunk(
+                        index=o.index, text=o.text, token_ids=list(o.token_ids), finish_reason=o.finish_reason
+                    )
+                    if o.logprobs is not None:
+                        chunk.logprobs = [_logprob_dict(e, t) for e, t in zip(o.logprobs, o.token_ids, strict=False)]
+                    if first:
+                        chunk.load_adapter_s = load_s
+                        if sampling.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                            chunk.prompt_logprobs = [
+                                None if e is None else _logprob_dict(e, t)
+                                for e, t in zip(out.prompt_logprobs, prompt_ids, strict=False)
+                            ]
+                        first = False
+                    yield chunk
+        finally:
+            try:
+                if lora is not None:
+                    await asyncio.shield(self._remove(lora.lora_int_id))
+            finally:
+                if adapter is not None:
+                    adapter.release()
+
+    async def _remove(self, lora_id: int) -> None:
+        try:
+            await self.engine.remove_lora(lora_id)
+        except Exception:
+            log.exception("vLLM could not remove adapter %d; its directory is deleted anyway", lora_id)
+        finally:
+            self._live -= 1
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,245 @@
+"""One request's flow: select -> train -> generate, as a stream of typed events.
+
+`plan_adaptation` turns a request's `adaptation` object into an `AdaptationPlan` within the operator's
+limits (or a 400 naming the limit). `Pipeline.run` then yields `Selected`, `TrainStep`s, one `Adapted`
+(the report so far, when generation is about to start) and the generator's `Chunk`s, filling the job's
+`AdaptationReport` as it goes. The adapter is owned by exactly one party at a time: the trainer until it
+hands it over, then this pipeline until the generator takes it; whatever ends the request in between
+(error, disconnect) releases it here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from adapters.handle import AdapterHandle
+from adapters.trainer import TrainerBusyError, TrainRequest, TrainResult, TrainStep
+from selection.selector import SelectionResult
+from selection.stopping import StopReason
+from serving.config import Settings
+from serving.engines import Chunk, Sampling
+from serving.errors import APIError, bad_request
+from serving.metrics import Metrics
+from serving.protocol import AdaptationOptions, AdaptationReport, DocumentRef
+from serving.services import SelectQuery
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdaptationPlan:
+    """What adaptation a request gets, after defaults and limits."""
+
+    enabled: bool
+    max_steps: int
+    picks: int
+    """Most documents selection may pick: max_steps, or selection.max_picks where that is lower."""
+    method: str
+    lambda_: float
+    alpha: float | None
+    candidates: int
+    learning_rate: float | None
+    max_train_tokens: int | None
+    time_budget_s: float | None
+    progress: bool
+
+
+def plan_adaptation(options: AdaptationOptions | None, settings: Settings) -> AdaptationPlan:
+    """The request's adaptation within the server's limits; a 400 naming the limit for anything above it,
+    and for `enabled: true` where the operator switched adaptation off."""
+    opts = options or AdaptationOptions()
+    limits, server = settings.server.limits, settings.server
+    if opts.enabled and not server.adaptation_enabled:
+        raise bad_request("adaptation is switched off on this server", "adaptation.enabled", "adaptation_disabled")
+    for name in ("max_steps", "candidates", "time_budget_s", "max_train_tokens"):
+        value, cap = getattr(opts, name), getattr(limits, name)
+        if value is not None and value > cap:
+            raise bad_request(
+                f"adaptation.{name} is {value}; this server allows at most {cap} (server.limits.{name})",
+                f"adaptation.{name}",
+                "limit_exceeded",
+            )
+    sel, tr = settings.selection, settings.trainer
+
+    def pick(value, default):
+        return default if value is None else value
+
+    max_steps = min(pick(opts.max_steps, tr.max_steps), limits.max_steps)
+    return AdaptationPlan(
+        enabled=pick(opts.enabled, server.adaptation_enabled),
+        max_steps=max_steps,
+        picks=min(max_steps, sel.max_picks),
+        method=pick(opts.method, sel.method),
+        lambda_=pick(opts.lambda_, sel.lambda_),
+        alpha=pick(opts.alpha, sel.alpha),
+        candidates=min(pick(opts.candidates, sel.candidates), limits.candidates),
+        learning_rate=opts.learning_rate,
+        max_train_tokens=opts.max_train_tokens,
+        time_budget_s=opts.time_budget_s,
+        progress=opts.progress,
+    )
+
+
+@dataclass
+class Job:
+    """One request as the pipeline sees it."""
+
+    request_id: str
+    query: str
+    """The text selection looks for (the last user message, or the completion prompt)."""
+    prompt_ids: list[int]
+    sampling: Sampling
+    plan: AdaptationPlan
+    report: AdaptationReport = field(default_factory=AdaptationReport)
+
+
+@dataclass(frozen=True)
+class Selected:
+    """Selection is done: these documents will be trained on, in this order."""
+
+    documents: list[DocumentRef]
+    sigma2: list[float]
+    stop_reason: StopReason
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """Adaptation is over (or was skipped); generation starts now."""
+
+    report: AdaptationReport
+
+
+Event = Selected | TrainStep | Adapted | Chunk
+
+
+class _Lease:
+    """This request's hold on its adapter between the trainer and the generator, and the live-adapter
+    gauge: counted up once when the adapter arrives, down once when the request is over."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.adapter: AdapterHandle | None = None
+        self.counted = False
+
+    def take(self, adapter: AdapterHandle | None) -> None:
+        self.adapter = adapter
+        if adapter is not None:
+            self.counted = True
+            self.metrics.adapters_live.inc()
+
+    def hand_over(self) -> AdapterHandle | None:
+        adapter, self.adapter = self.adapter, None
+        return adapter
+
+    def close(self) -> None:
+        if self.adapter is not None:  # made, but the request ended before the generator took it
+            self.adapter.release()
+            self.adapter = None
+        if self.counted:
+            self.counted = False
+            self.metrics.adapters_live.dec()
+
+
+class Pipeline:
+    """select -> train -> generate over three clients (local objects or Ray Serve handles)."""
+
+    def __init__(self, selector, trainer, generator, metrics: Metrics) -> None:
+        self.selector, self.trainer, self.generator = selector, trainer, generator
+        self.metrics = metrics
+
+    async def run(self, job: Job) -> AsyncIterator[Event]:
+        lease = _Lease(self.metrics)
+        try:
+            async with aclosing(self._adapt(job, lease)) as events:
+                async for event in events:
+                    yield event
+            yield Adapted(job.report)
+            started = time.monotonic()
+            timings = job.report.timings
+            args = (job.request_id, job.prompt_ids, job.sampling, lease.hand_over())
+            async with aclosing(self.generator.stream("generate", *args)) as chunks:
+                async for chunk in chunks:
+                    timings.load_adapter += chunk.load_adapter_s
+                    timings.generate = time.monotonic() - started - timings.load_adapter
+                    yield chunk
+            self.metrics.stage.labels("generate").observe(timings.generate)
+        finally:
+            lease.close()
+
+    async def _adapt(self, job: Job, lease: _Lease) -> AsyncIterator[Selected | TrainStep]:
+        plan, report = job.plan, job.report
+        report.enabled = plan.enabled
+        if not plan.enabled or plan.max_steps == 0:
+            report.stop_reason = StopReason.DISABLED if not plan.enabled else StopReason.MAX_STEPS
+            return
+        try:
+            picked = await self._select(job)
+        except Exception:
+            log.exception("selection failed")
+            self._failed(report, "selection failed")
+            return
+        yield Selected(report.documents, report.sigma2, picked.stop_reason)
+        report.stop_reason = picked.stop_reason
+        if not picked.documents:
+            return
+        request = TrainRequest(
+            documents=[d.text for d in picked.documents],
+            documents_end=picked.stop_reason,
+            request_id=job.request_id,
+            max_steps=plan.max_steps,
+            learning_rate=plan.learning_rate,
+            max_train_tokens=plan.max_train_tokens,
+            time_budget_s=plan.time_budget_s,
+        )
+        result: TrainResult | None = None
+        try:
+            async with aclosing(self.trainer.stream("train", request)) as items:
+                async for item in items:
+                    if isinstance(item, TrainResult):
+                        result = item
+                        lease.take(item.adapter)
+                    else:
+                        yield item
+        except TrainerBusyError as exc:
+            raise APIError(
+                503,
+                "Test-time training is saturated; retry shortly or send adaptation.enabled=false.",
+                "server_error",
+                code="trainer_busy",
+                retry_after=5,
+            ) from exc
+        except Exception:  # training failed: the base model answers, and the response says so
+            log.exception("test-time training failed")
+            self._failed(report, "training failed")
+            return
+        if result is None:
+            self._failed(report, "training ended without a result")
+            return
+        report.steps, report.losses = result.steps, result.losses
+        report.timings.queue = result.queue_seconds
+        report.timings.train = result.train_seconds + result.export_seconds
+        report.stop_reason = result.stop_reason
+        report.adapter = result.adapter is not None
+        self.metrics.stage.labels("train").observe(report.timings.train)
+        self.metrics.steps.inc(result.steps)
+
+    async def _select(self, job: Job) -> SelectionResult:
+        plan = job.plan
+        started = time.monotonic()
+        query = SelectQuery(job.query, plan.picks, plan.method, plan.lambda_, plan.alpha, plan.candidates)
+        picked: SelectionResult = await self.selector.call("select", query)
+        job.report.timings.select = time.monotonic() - started
+        self.metrics.stage.labels("select").observe(job.report.timings.select)
+        job.report.documents = [DocumentRef(id=d.id, source=d.source) for d in picked.documents]
+        job.report.sigma2 = picked.sigma2
+        return picked
+
+    @staticmethod
+    def _failed(report: AdaptationReport, what: str) -> None:
+        report.error = f"{what}; answered by the base model"
+        report.stop_reason = StopReason.ERROR
+        report.adapter = False
