@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from adapters.config import TrainerConfig
-from adapters.trainer import Trainer, TrainRequest
+from adapters.trainer import Trainer, TrainRequest, TrainStep
 from benchmarks.bpb import continuation_bits
 from infra.config import default_cache_dir
 from infra.models import resolve_model
@@ -165,10 +165,10 @@ class Evaluator:
         curve = {"0": base}
         model = self.trainer.model
 
-        def at_step(step: int, loss: float) -> None:
-            if step in self.config.checkpoints:
+        def at_step(done: TrainStep) -> None:
+            if done.step in self.config.checkpoints:
                 model.eval()
-                curve[str(step)] = self.score(prompt, adapter=True)
+                curve[str(done.step)] = self.score(prompt, adapter=True)
                 model.train()
 
         result = self.trainer.train(

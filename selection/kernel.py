@@ -48,8 +48,11 @@ class ConditionedKernel:
         self.candidate_mask = candidate_mask
         self._padding = ~candidate_mask
         self.lambda_ = lambda_
-        # Scores this close (relative) to the best count as tied: rounding noise of the kernel columns.
-        self.tie_tolerance = 1e4 * torch.finfo(torch.float64).eps + 64 * torch.finfo(embedding_dtype).eps
+        # Scores this close (relative) to the best count as tied: rounding noise of the kernel columns, and
+        # of the conditioned denominators k_n(x, x) + lambda', whose absolute error ~eps * k_0(x, x) is
+        # relative error ~eps / lambda' once they shrink towards lambda' (clamped there).
+        eps = torch.finfo(embedding_dtype).eps
+        self.tie_tolerance = 1e4 * torch.finfo(torch.float64).eps + 64 * eps + 4 * eps / lambda_
         batch, k, d = candidates.shape
         m = targets.shape[1]
         device = candidates.device

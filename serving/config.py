@@ -125,6 +125,20 @@ class Settings(BaseSettings):
     server: ServerConfig = Field(default_factory=ServerConfig)
     index_path: Path | None = Field(None, description="index directory to serve (default: the stdlib index)")
 
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> Settings:
+        limits = self.server.limits
+        pairs = [
+            ("trainer.max_steps", self.trainer.max_steps, "max_steps"),
+            ("trainer.max_train_tokens", self.trainer.max_train_tokens, "max_train_tokens"),
+            ("trainer.time_budget_s", self.trainer.time_budget_s, "time_budget_s"),
+            ("selection.candidates", self.selection.candidates, "candidates"),
+        ]
+        for name, value, limit in pairs:
+            if value is not None and value > getattr(limits, limit):
+                raise ValueError(f"{name} ({value}) is above server.limits.{limit} ({getattr(limits, limit)})")
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -3,9 +3,9 @@
 `plan_adaptation` turns a request's `adaptation` object into an `AdaptationPlan` within the operator's
 limits (or a 400 naming the limit). `Pipeline.run` then yields `Selected`, `TrainStep`s, one `Adapted`
 (the report so far, when generation is about to start) and the generator's `Chunk`s, filling the job's
-`AdaptationReport` as it goes. The adapter is owned by exactly one party at a time: the trainer until it
-hands it over, then this pipeline until the generator takes it; whatever ends the request in between
-(error, disconnect) releases it here.
+`AdaptationReport` as it goes. The trainer owns the adapter until it hands it over; from then on the
+generator removes it from the engine and this pipeline deletes its directory when the request ends,
+whatever ends it (answer, error, disconnect before or during generation).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def plan_adaptation(options: AdaptationOptions | None, settings: Settings) -> Ad
     def pick(value, default):
         return default if value is None else value
 
-    max_steps = min(pick(opts.max_steps, tr.max_steps), limits.max_steps)
+    max_steps = pick(opts.max_steps, tr.max_steps)
     return AdaptationPlan(
         enabled=pick(opts.enabled, server.adaptation_enabled),
         max_steps=max_steps,
@@ -76,7 +76,7 @@ def plan_adaptation(options: AdaptationOptions | None, settings: Settings) -> Ad
         method=pick(opts.method, sel.method),
         lambda_=pick(opts.lambda_, sel.lambda_),
         alpha=pick(opts.alpha, sel.alpha),
-        candidates=min(pick(opts.candidates, sel.candidates), limits.candidates),
+        candidates=pick(opts.candidates, sel.candidates),
         learning_rate=opts.learning_rate,
         max_train_tokens=opts.max_train_tokens,
         time_budget_s=opts.time_budget_s,
@@ -117,30 +117,27 @@ Event = Selected | TrainStep | Adapted | Chunk
 
 
 class _Lease:
-    """This request's hold on its adapter between the trainer and the generator, and the live-adapter
-    gauge: counted up once when the adapter arrives, down once when the request is over."""
+    """This request's hold on its adapter, and the live-adapter gauge (up once when the adapter arrives,
+    down once when the request is over).
+
+    Handing the adapter to the generator does not end the hold: a generator call that is cancelled
+    before it starts never runs its own cleanup, so the pipeline deletes the directory too when the
+    request ends. Deleting is idempotent, and by then the generator is done with it.
+    """
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.adapter: AdapterHandle | None = None
-        self.counted = False
 
     def take(self, adapter: AdapterHandle | None) -> None:
         self.adapter = adapter
         if adapter is not None:
-            self.counted = True
             self.metrics.adapters_live.inc()
 
-    def hand_over(self) -> AdapterHandle | None:
-        adapter, self.adapter = self.adapter, None
-        return adapter
-
     def close(self) -> None:
-        if self.adapter is not None:  # made, but the request ended before the generator took it
+        if self.adapter is not None:
             self.adapter.release()
             self.adapter = None
-        if self.counted:
-            self.counted = False
             self.metrics.adapters_live.dec()
 
 
@@ -160,7 +157,7 @@ class Pipeline:
             yield Adapted(job.report)
             started = time.monotonic()
             timings = job.report.timings
-            args = (job.request_id, job.prompt_ids, job.sampling, lease.hand_over())
+            args = (job.request_id, job.prompt_ids, job.sampling, lease.adapter)
             async with aclosing(self.generator.stream("generate", *args)) as chunks:
                 async for chunk in chunks:
                     timings.load_adapter += chunk.load_adapter_s

@@ -195,8 +195,8 @@ class GeneratorService:
                 yield chunk
 
     async def loaded_adapters(self) -> int:
-        """Adapters the engine holds right now (0 between requests; for leak checks)."""
-        return self.generator.live_adapters()
+        """Adapters the engine holds right now, by the engine's own account (0 between requests)."""
+        return await self.generator.loaded_adapters()
 
     def max_model_len(self) -> int:
         return self.generator.max_model_len

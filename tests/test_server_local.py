@@ -411,3 +411,73 @@ async def test_unexpected_errors_do_not_leak_internals(raw, server, monkeypatch)
     response = await raw.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES})
     assert response.status_code == 500
     assert "secret" not in response.text and "Traceback" not in response.text
+
+
+# ---- real disconnects, over HTTP (uvicorn), in each window of the adapter's life ----------------------
+
+
+@pytest.fixture(scope="module")
+def live(server):
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    served = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=served.run, daemon=True)
+    thread.start()
+    while not served.started:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}"
+    served.should_exit = True
+    thread.join(10)
+
+
+async def eventually_clean(server, seconds: float = 20) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    engine = server.clients["generator"].service
+    while loop.time() < deadline:
+        if adapters_left(server) == [] and gauge(server) == 0 and await engine.loaded_adapters() == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"left behind: {adapters_left(server)}, gauge {gauge(server)}")
+
+
+async def hang_up_after(url: str, body: dict, marker: str) -> None:
+    """Stream `body`, and close the connection at the first line containing `marker` but no empty content."""
+    async with httpx.AsyncClient(timeout=60) as c, c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if marker in line and (marker != '"content":"' or '"content":""' not in line):
+                return  # leaving the block closes the connection mid-stream
+
+
+async def test_disconnect_after_training_before_generation_starts(live, server, monkeypatch):
+    service = server.clients["generator"].service
+    called = asyncio.Event()
+
+    async def not_started_yet(request_id, prompt_ids, sampling, adapter):
+        called.set()  # the adapter is handed over, but this generator has not taken the request yet
+        await asyncio.Event().wait()
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(service, "generate", not_started_yet)
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": 4}
+    await hang_up_after(live, body, '"role":"assistant"')  # the opening chunk: training is over
+    await eventually_clean(server)
+
+
+async def test_disconnect_during_generation(live, server):
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": 200, "ignore_eos": True}
+    await hang_up_after(live, body, '"content":"')
+    await eventually_clean(server)
+
+
+async def test_disconnect_during_training(live, server):
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True, "adaptation": {"max_steps": 8, "progress": True}}
+    await hang_up_after(live, body, '"stage":"training"')
+    await eventually_clean(server)

@@ -230,3 +230,43 @@ def test_bad_tensors_are_clear_errors():
         select(target * float("inf"), candidates, 2)
     with pytest.raises(ValueError, match="targets but"):
         select_batch([target[0]], [candidates, candidates], 2)
+
+
+def test_lambda_has_a_float32_lower_bound():
+    from selection.stopping import MIN_LAMBDA
+
+    target, candidates = torch.randn(8), torch.randn(20, 8)
+    with pytest.raises(ValueError, match="lambda_"):
+        select(target, candidates, 3, lambda_=1e-8)  # float32 would divide by ~0 and pick index 0 forever
+    torch.manual_seed(0)
+    c = torch.nn.functional.normalize(torch.randn(200, 64), dim=-1)
+    t = torch.nn.functional.normalize(torch.randn(64), dim=-1)
+    single = select(t, c, 30, lambda_=MIN_LAMBDA)
+    double = select(t.double(), c.double(), 30, lambda_=MIN_LAMBDA)
+    assert single.indices.tolist() == double.indices.tolist()
+    assert torch.allclose(single.sigma2.double(), double.sigma2, atol=1e-5)
+
+
+def test_many_exact_copies_at_the_smallest_lambda_stay_finite():
+    from selection.stopping import MIN_LAMBDA
+
+    torch.manual_seed(1)
+    c = torch.nn.functional.normalize(torch.randn(20, 32), dim=-1)
+    copies = torch.cat([c[:1].repeat(50, 1), c[1:]])  # rows 0..49 identical
+    t = torch.nn.functional.normalize(c[0] + 0.1 * torch.randn(32), dim=-1)
+    sel = select(t, copies, 30, lambda_=MIN_LAMBDA)
+    assert torch.isfinite(sel.sigma2).all() and (sel.sigma2 >= 0).all()
+    assert not set(sel.indices.tolist()) & set(range(1, 50))  # a copy ties with row 0, which wins
+
+
+def test_argmax_never_picks_nan_or_padding():
+    from selection.rules.sift import first_argmax
+
+    nan = float("nan")
+    assert first_argmax(torch.tensor([[nan, 0.5, 0.2], [0.1, nan, 0.3]]), 1e-6).tolist() == [1, 2]
+    # A prompt with 2 real candidates padded to 4, next to one with 4: padding is never picked.
+    small = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+    big = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    targets = [torch.nn.functional.normalize(torch.randn(8), dim=-1) for _ in range(2)]
+    picks = select_batch(targets, [small, big], 6)
+    assert max(picks[0].indices.tolist()) <= 1

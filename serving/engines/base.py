@@ -92,7 +92,9 @@ class Generator(Protocol):
         self, request_id: str, prompt_ids: list[int], sampling: Sampling, adapter: AdapterHandle | None
     ) -> AsyncIterator[Chunk]: ...
 
-    def live_adapters(self) -> int: ...
+    async def loaded_adapters(self) -> int:
+        """Adapters the engine holds right now, as the engine itself reports them (for leak checks)."""
+        ...
 
     async def check_health(self) -> None:
         """Raise when the engine can no longer answer (Ray Serve then restarts the replica)."""

@@ -75,7 +75,7 @@ class TransformersGenerator:
         self._lock = threading.Lock()
         self._live = 0
 
-    def live_adapters(self) -> int:
+    async def loaded_adapters(self) -> int:
         return self._live
 
     async def check_health(self) -> None:

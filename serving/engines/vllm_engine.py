@@ -80,14 +80,9 @@ class VLLMGenerator:
         )
         self.engine = AsyncLLM.from_engine_args(args)
         self._lora_ids = itertools.count(1)
-        self._live = 0
 
-    def live_adapters(self) -> int:
-        return self._live
-
-    async def list_adapters(self) -> set[int]:
-        """Ids of the adapters the engine holds right now (for leak checks)."""
-        return set(await self.engine.list_loras())
+    async def loaded_adapters(self) -> int:
+        return len(await self.engine.list_loras())
 
     async def check_health(self) -> None:
         await self.engine.check_health()
@@ -106,7 +101,6 @@ class VLLMGenerator:
                 started = time.monotonic()
                 lora = LoRARequest(adapter.name, next(self._lora_ids), str(adapter.path))
                 await self.engine.add_lora(lora)
-                self._live += 1
                 load_s = time.monotonic() - started
             params = SamplingParams(
                 n=sampling.n,
@@ -161,8 +155,6 @@ class VLLMGenerator:
             await self.engine.remove_lora(lora_id)
         except Exception:
             log.exception("vLLM could not remove adapter %d; its directory is deleted anyway", lora_id)
-        finally:
-            self._live -= 1
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -1,0 +1,65 @@
+"""The one configuration model: sources in order (flag > env > file > default), merged per key, checked."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from serving.config import Settings
+
+
+@pytest.fixture()
+def config_file(tmp_path):
+    path = tmp_path / "sift.yaml"
+    path.write_text("trainer:\n  rank: 8\n  max_steps: 3\nserver:\n  port: 9000\n  api_keys: [from-file]\n")
+    return path
+
+
+def test_sections_merge_key_by_key(config_file):
+    settings = Settings.load(config_file, {"trainer": {"max_steps": 4}})
+    assert (settings.trainer.max_steps, settings.trainer.rank, settings.server.port) == (4, 8, 9000)
+    assert settings.trainer.learning_rate == Settings().trainer.learning_rate  # untouched keys keep defaults
+
+
+def test_precedence_flag_over_env_over_file(config_file, monkeypatch):
+    monkeypatch.setenv("SIFT_SERVE_TRAINER__MAX_STEPS", "7")
+    monkeypatch.setenv("SIFT_SERVE_SERVER__API_KEYS", '["from-env"]')
+    from_env = Settings.load(config_file)
+    assert from_env.trainer.max_steps == 7 and from_env.trainer.rank == 8
+    assert from_env.server.keys() == ["from-env"]
+    assert Settings.load(config_file, {"trainer": {"max_steps": 2}}).trainer.max_steps == 2
+
+
+def test_key_file_adds_keys(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("alpha\n\n  beta  \n")
+    settings = Settings.load(None, {"server": {"api_keys": ["inline"], "api_key_file": str(keys)}})
+    assert settings.server.keys() == ["inline", "alpha", "beta"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"trainer": {"bogus": 1}}, "bogus"),
+        ({"trainer": {"learning_rate": float("nan")}}, "learning_rate"),
+        ({"selection": {"lambda": 1e-9}}, "lambda"),
+        ({"trainer": {"max_steps": 40}}, "server.limits.max_steps"),
+        ({"server": {"heartbeat_s": 30}}, "heartbeat_s"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_key(overrides, message):
+    with pytest.raises(ValidationError, match=message):
+        Settings.load(None, overrides)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        Settings.load(tmp_path / "nope.yaml")
+
+
+def test_engine_lora_rank_rounds_up_to_what_vllm_accepts():
+    from serving.engines.vllm_engine import engine_lora_rank
+
+    assert [engine_lora_rank(r) for r in (1, 4, 8, 12, 16, 100)] == [1, 8, 8, 16, 16, 128]
+    with pytest.raises(ValueError, match="largest LoRA rank"):
+        engine_lora_rank(1000)
