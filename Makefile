@@ -24,6 +24,7 @@ demo: setup
 test: $(VENV_STAMP)
 	.venv/bin/sift-serve models fetch
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	.venv/bin/python -m pytest -q -ra
 
 bench: setup

@@ -1,12 +1,13 @@
 """Latency and throughput of the running server, with and without test-time training, and of vLLM alone.
 
 Starts the Ray Serve application on the embedded default (or `--config`), then with the official
-`openai` async client at 1, 4 and 16 concurrent clients sends streamed chat requests (a) with `ttft`
-and (b) with `ttft.enabled = false`; then shuts the server down and runs (c) the same plain requests
-straight against a vLLM AsyncLLM with the same settings. Reports end-to-end latency and time to first
-token (p50/p95), requests per second, the stage breakdown, and two ratios:
+`openai` async client at 1, 4 and 16 concurrent clients sends streamed chat requests (a) with test-time
+training (the `adaptation` object) and (b) with `adaptation.enabled = false`; then shuts the server down
+and runs (c) the same plain requests straight against a vLLM AsyncLLM with the same settings. Reports
+end-to-end latency and time to first token (p50/p95), requests per second, the stage breakdown, and two
+ratios:
 
-- serving overhead of a ttft request: (end-to-end - select - train - generate) / end-to-end, at 1 client;
+- serving overhead of an adapted request: (end-to-end - select - train - generate) / end-to-end, at 1 client;
 - plain request through the server / the same request on the engine directly (p50 latency, 1 client).
 
     python -m benchmarks.latency [--config FILE] [--requests-per-client 2] [--max-tokens 32]
@@ -46,13 +47,13 @@ def pct(values: list[float], q: float) -> float:
 
 def summary(rows: list[dict], wall: float) -> dict:
     e2e = [r["e2e"] for r in rows]
-    ttft = [r["first_token"] for r in rows]
+    first = [r["first_token"] for r in rows]
     out = {
         "requests": len(rows),
         "e2e_p50": pct(e2e, 0.5),
         "e2e_p95": pct(e2e, 0.95),
-        "first_token_p50": pct(ttft, 0.5),
-        "first_token_p95": pct(ttft, 0.95),
+        "first_token_p50": pct(first, 0.5),
+        "first_token_p95": pct(first, 0.95),
         "rps": len(rows) / wall,
     }
     stages = [r["timings"] for r in rows if r.get("timings")]
@@ -70,7 +71,7 @@ def summary(rows: list[dict], wall: float) -> dict:
     return out
 
 
-async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int, ttft: dict) -> dict:
+async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int, adaptation: dict) -> dict:
     started = time.perf_counter()
     first, timings = None, None
     stream = await client.chat.completions.create(
@@ -79,22 +80,22 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_t
         max_tokens=max_tokens,
         temperature=0,
         stream=True,
-        extra_body={"ttft": ttft},
+        extra_body={"adaptation": adaptation},
     )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content and first is None:
             first = time.perf_counter() - started
-        report = (chunk.model_extra or {}).get("ttft")
+        report = (chunk.model_extra or {}).get("adaptation")
         if report and "timings" in report:
             timings = report["timings"]
     e2e = time.perf_counter() - started
     return {"e2e": e2e, "first_token": first if first is not None else e2e, "timings": timings}
 
 
-async def load(client, model: str, concurrency: int, per_client: int, max_tokens: int, ttft: dict) -> dict:
+async def load(client, model: str, concurrency: int, per_client: int, max_tokens: int, adaptation: dict) -> dict:
     async def worker(w: int) -> list[dict]:
         return [
-            await one_request(client, model, PROMPTS[(w * per_client + i) % len(PROMPTS)], max_tokens, ttft)
+            await one_request(client, model, PROMPTS[(w * per_client + i) % len(PROMPTS)], max_tokens, adaptation)
             for i in range(per_client)
         ]
 
@@ -105,9 +106,10 @@ async def load(client, model: str, concurrency: int, per_client: int, max_tokens
 
 async def direct_engine(settings: Settings, concurrencies: list[int], per_client: int, max_tokens: int) -> dict:
     """The same plain requests on a bare vLLM AsyncLLM (no Ray, no HTTP, no adapters)."""
-    from serving.generation import Sampling, VLLMGenerator
     from transformers import AutoTokenizer
 
+    from serving.engines import Sampling
+    from serving.engines.vllm_engine import VLLMGenerator
     from serving.services import model_dir
 
     model = model_dir(settings)
@@ -150,7 +152,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--ttft", default='{"max_steps": 2, "max_train_tokens": 128}', help="ttft object (JSON)")
+    parser.add_argument(
+        "--adaptation", default='{"max_steps": 2, "max_train_tokens": 128}', help="adaptation object (JSON)"
+    )
     parser.add_argument("--port", type=int, default=8321)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"))
     args = parser.parse_args()
@@ -167,11 +171,15 @@ def main() -> None:
     settings.server.max_pending = max(settings.server.max_pending, max(args.concurrency) * 2)
     if settings.index_path is None:
         ensure_default_index(settings.models, settings.index)
-    ttft = json.loads(args.ttft)
+    adaptation = json.loads(args.adaptation)
     results: dict = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "settings": {"max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client, "ttft": ttft},
-        "ttft": {},
+        "settings": {
+            "max_tokens": args.max_tokens,
+            "requests_per_client": args.requests_per_client,
+            "adaptation": adaptation,
+        },
+        "adapted": {},
         "plain": {},
     }
     ray.init(num_cpus=settings.server.ray_num_cpus, include_dashboard=False, log_to_driver=False)
@@ -182,12 +190,12 @@ def main() -> None:
         model = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="unused").models.list().data[0].id
         asyncio.run(load(client, model, 1, 1, args.max_tokens, {"enabled": False}))  # warm-up
         for concurrency in args.concurrency:
-            for kind, options in (("ttft", ttft), ("plain", {"enabled": False})):
+            for kind, options in (("adapted", adaptation), ("plain", {"enabled": False})):
                 client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="u", timeout=900)
                 row = asyncio.run(load(client, model, concurrency, args.requests_per_client, args.max_tokens, options))
                 results[kind][str(concurrency)] = row
                 shown = {k: v for k, v in row.items() if k != "rows"}
-                print(f"server {kind:<5} c={concurrency:<3} {json.dumps(shown)}", flush=True)
+                print(f"server {kind:<7} c={concurrency:<3} {json.dumps(shown)}", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -196,9 +204,9 @@ def main() -> None:
     )
     one = str(args.concurrency[0])
     results["targets"] = {
-        "ttft_machinery_share_c1": results["ttft"][one].get("machinery_share_mean"),
-        "ttft_machinery_share_excl_queue": {
-            c: r.get("machinery_share_excl_queue_mean") for c, r in results["ttft"].items()
+        "adapted_machinery_share_c1": results["adapted"][one].get("machinery_share_mean"),
+        "adapted_machinery_share_excl_queue": {
+            c: r.get("machinery_share_excl_queue_mean") for c, r in results["adapted"].items()
         },
         "plain_over_direct_p50_c1": results["plain"][one]["e2e_p50"] / results["direct"][one]["e2e_p50"],
     }

@@ -51,10 +51,11 @@ async def _nothing() -> Message:
 
 
 class RequestIdMiddleware:
-    """Takes X-Request-Id (or makes one), sets it for this request's log lines, returns it as a header."""
+    """Takes X-Request-Id (or makes one), sets it for this request's log lines, returns it as a header
+    (unless `echo` is off: Ray Serve's proxy already puts the id it passed in on the response)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, echo: bool = True) -> None:
+        self.app, self.echo = app, echo
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,7 +65,7 @@ class RequestIdMiddleware:
         token = request_id_var.set(request_id)
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and self.echo:
                 MutableHeaders(scope=message)["X-Request-Id"] = request_id
             await send(message)
 
@@ -146,8 +147,11 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     return APIError(400, f"{message} (param: {param})" if param else message, param=param)
 
 
-def create_app(server: OpenAIServer) -> FastAPI:
-    """The FastAPI app around `server`: routes, error handlers and middleware from its settings."""
+def create_app(server: OpenAIServer, behind_serve_proxy: bool = False) -> FastAPI:
+    """The FastAPI app around `server`: routes, error handlers and middleware from its settings.
+
+    Behind Ray Serve's proxy, which takes or makes X-Request-Id and returns it itself, the app reads the id
+    from the request like anywhere else but does not add the response header a second time."""
     config = server.settings.server
     install()
     app = FastAPI(title="sift-serve", description="OpenAI-compatible API with test-time training (SIFT + LoRA)")
@@ -232,7 +236,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
     public = frozenset({"/health"} | ({"/metrics"} if config.metrics_public else set()))
     app.add_middleware(AuthMiddleware, server=server, public=public)
     app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestIdMiddleware, echo=not behind_serve_proxy)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"], allow_headers=["*"])
     return app

@@ -52,7 +52,7 @@ class Ingress:
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_app(self.server)
+        return create_app(self.server, behind_serve_proxy=True)
 
 
 def _options(resources: Resources, name: str) -> dict[str, Any]:

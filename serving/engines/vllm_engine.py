@@ -157,4 +157,7 @@ class VLLMGenerator:
             log.exception("vLLM could not remove adapter %d; its directory is deleted anyway", lora_id)
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        """Stop the engine now (idempotent); the engine object goes too, while the interpreter is whole."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
