@@ -29,5 +29,6 @@ class TrainerConfig(Strict):
         "auto", description="auto: bfloat16 on a GPU that supports it, else float32"
     )
     adapter_dir: Path | None = Field(None, description="where adapters are written (default: tmpfs if present)")
-    max_waiting: int = Field(64, gt=0, description="requests that may wait for the trainer before refusal")
+    max_batch: int = Field(4, gt=0, le=256, description="requests trained together in one forward/backward")
+    max_waiting: int = Field(64, gt=0, description="requests that may wait for a slot before refusal")
     seed: int = 0

@@ -1,13 +1,21 @@
-"""`Trainer`: fits a fresh LoRA adapter per prompt on the documents SIFT picked, then hands it over.
+"""`Trainer`: fits a fresh LoRA adapter per prompt on the documents SIFT picked, then hands it over;
+concurrent requests train together (continuous batching of training steps).
 
-A plain object (no Ray inside) that loads the base model once and serves many requests, one at a time
-(one model copy; a request says how long it waited). Per request: new LoRA weights (re-initialised in
-place, seeded), a new AdamW optimizer, one step per picked document in pick order (a repeated pick is
-another step), batch 1, causal-LM loss on the document truncated to `max_train_tokens`. The base
-weights are frozen and never written; the adapter is exported as a PEFT directory on tmpfs.
+A plain object (no Ray inside) that loads the base model once. `train` is safe to call from many threads:
+each call waits for one of `max_batch` adapter slots, and one loop thread runs the steps. A step takes
+the next document of every request holding a slot, pads them into one batch, and runs one forward and
+backward of the frozen base model in which each sequence goes through its own slot's LoRA weights
+(`LoRABank`); each sequence's loss is the mean over its own tokens and the batch loss is their sum, so a
+request's gradient does not depend on its batch-mates. Each slot has its own AdamW state (`SlotAdamW`),
+seeded initialisation, step count, learning rate, stopping rule and budget. A request joins at the next
+step boundary and leaves when it stops; its adapter is exported the moment it leaves, while the others
+go on. Trained in a batch or alone, a request's adapter is the same (within float tolerance).
 
-Which documents to train on (and so the adaptive stopping rule) is selection's decision; the trainer
-stops early only for `max_steps`, the time budget or cancellation.
+Per request: one step per picked document in pick order (a repeated pick is another step), causal-LM
+loss on the document truncated to `max_train_tokens`. Which documents, and so the adaptive stopping
+rule, is selection's decision; the trainer stops early only for `max_steps`, the time budget or
+cancellation. The base weights are frozen and never written; the adapter is exported as a PEFT
+directory on tmpfs.
 """
 
 from __future__ import annotations
@@ -17,23 +25,25 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-from peft.tuners.lora import LoraLayer
-from safetensors.torch import save_file
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.config import TrainerConfig
 from adapters.handle import AdapterHandle, adapter_root, cleanup_stale, new_adapter_dir, remove_adapter_dir
+from adapters.lora_bank import LoRABank
+from adapters.slot_adamw import SlotAdamW
 from selection.stopping import StopReason
 
 log = logging.getLogger(__name__)
 
-_ADAPTER = "default"  # peft writes a non-default adapter into a sub-directory; one adapter lives at a time
+_IDLE_EXIT_S = 5.0  # the loop thread ends after this long without work; the next request starts another
 
 
 class TrainerBusyError(RuntimeError):
@@ -100,47 +110,74 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+@dataclass
+class _Job:
+    """One request inside the trainer: what it asked for, and where its training stands."""
+
+    request: TrainRequest
+    cancel: threading.Event | None
+    progress: Callable[[TrainStep], None] | None
+    max_steps: int
+    budget: float | None
+    max_tokens: int
+    arrived: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    slot: int = -1
+    position: int = 0
+    """Index of the next document to train on."""
+    started: float | None = None
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    result: TrainResult | None = None
+    error: BaseException | None = None
+
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+
 class Trainer:
-    """Test-time LoRA training on one base model, serialised across requests."""
+    """Test-time LoRA training on one base model; concurrent requests share its forward/backward passes."""
 
     def __init__(self, model_dir: Path, config: TrainerConfig | None = None) -> None:
         self.config = config or TrainerConfig()
+        cfg = self.config
         self.model_dir = Path(model_dir)
-        self.dtype = resolve_dtype(self.config.dtype, self.config.device)
+        self.dtype = resolve_dtype(cfg.dtype, cfg.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype)
-        base.requires_grad_(False)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype).to(cfg.device)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        # Slots 0..max_batch-1 train; the last one holds a saved adapter for scoring (`adapted`).
+        self.bank = LoRABank(
+            self.model, list(cfg.target_modules), cfg.max_batch + 1, cfg.rank, cfg.lora_alpha, cfg.lora_dropout
+        )
+        self.optimizer = SlotAdamW(self.bank.weights, eps=1e-8)
         lora = LoraConfig(
-            r=self.config.rank,
-            lora_alpha=self.config.lora_alpha,
-            lora_dropout=self.config.lora_dropout,
-            target_modules=list(self.config.target_modules),
+            r=cfg.rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.target_modules),
             bias="none",
             task_type="CAUSAL_LM",
+            base_model_name_or_path=str(self.model_dir),
         )
-        # One wrap for the trainer's life; each request re-initialises the LoRA weights in place.
-        self.model = get_peft_model(base, lora, adapter_name=_ADAPTER).to(self.config.device)
-        self.model.eval()
-        self._lora_layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
-        self._params = [p for p in self.model.parameters() if p.requires_grad]
-        # The saved names of the adapter's tensors, bound once to the live parameters (which training and
-        # re-initialisation update in place), and the adapter config as PEFT writes it.
-        self._adapter_tensors = {
-            k: v.detach() for k, v in get_peft_model_state_dict(self.model, adapter_name=_ADAPTER).items()
-        }
-        config_dict = self.model.peft_config[_ADAPTER].to_dict()
-        config_dict["base_model_name_or_path"] = str(self.model_dir)
-        self._adapter_config_json = json.dumps(config_dict, indent=2, sort_keys=True, default=list)
-        self.root = adapter_root(self.config.adapter_dir)
+        self._adapter_config_json = json.dumps(lora.to_dict(), indent=2, sort_keys=True, default=list)
+        self.root = adapter_root(cfg.adapter_dir)
         cleanup_stale(self.root)
-        self._lock = threading.Lock()
-        self._waiting = 0
-        self._waiting_lock = threading.Lock()
+        self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._cond = threading.Condition()
+        self._waiting: deque[_Job] = deque()
+        self._active: list[_Job] = []
+        self._free = list(range(cfg.max_batch))
+        self._scratch = cfg.max_batch
+        self._loop_thread: threading.Thread | None = None
 
     @property
     def base_model(self) -> torch.nn.Module:
-        """The frozen base model underneath the adapter layers."""
-        return self.model.get_base_model()
+        """The frozen base model (its adapted projections add nothing outside a `bank.use` block)."""
+        return self.model
+
+    # ---- the public interface ----------------------------------------------------------------------
 
     def train(
         self,
@@ -148,121 +185,207 @@ class Trainer:
         cancel: threading.Event | None = None,
         progress: Callable[[TrainStep], None] | None = None,
     ) -> TrainResult:
-        """Fit a fresh adapter for `request`; waits for earlier requests. `cancel` stops it within one step
-        (or while it waits); `progress` gets a `TrainStep` after each step. Raises TrainerBusyError when
-        `max_waiting` requests are already queued."""
-        with self._waiting_lock:
-            if self._waiting >= self.config.max_waiting:
-                raise TrainerBusyError(f"{self._waiting} requests already waiting for the trainer")
-            self._waiting += 1
-        arrived = time.monotonic()
-        try:
-            while not self._lock.acquire(timeout=0.05):
-                if cancel is not None and cancel.is_set():
-                    return TrainResult(None, 0, StopReason.CANCELLED, queue_seconds=time.monotonic() - arrived)
-        finally:
-            with self._waiting_lock:
-                self._waiting -= 1
-        try:
-            queued = time.monotonic() - arrived
-            result = self._train(request, cancel, progress)
-        finally:
-            self._lock.release()
-        result.queue_seconds = queued
-        return result
-
-    def _reset_adapter(self, seed: int) -> None:
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for layer in self._lora_layers:
-                layer.reset_lora_parameters(_ADAPTER, True)
-
-    def _tokens(self, text: str, max_tokens: int) -> torch.Tensor:
-        ids = self.tokenizer(text, truncation=True, max_length=max_tokens, return_tensors="pt").input_ids
-        return ids.to(self.config.device)
-
-    def _train(
-        self,
-        request: TrainRequest,
-        cancel: threading.Event | None,
-        progress: Callable[[TrainStep], None] | None,
-    ) -> TrainResult:
+        """Fit a fresh adapter for `request`, batched with whatever else is training. `cancel` stops it
+        within one step (or while it waits); `progress` gets a `TrainStep` after each of its steps (on the
+        trainer's loop thread). Raises TrainerBusyError when `max_waiting` requests are already queued."""
         cfg = self.config
-        max_steps = cfg.max_steps if request.max_steps is None else request.max_steps
-        budget = cfg.time_budget_s if request.time_budget_s is None else request.time_budget_s
-        max_tokens = request.max_train_tokens or cfg.max_train_tokens
-        self._reset_adapter(cfg.seed if request.seed is None else request.seed)
-        optimizer = torch.optim.AdamW(
-            self._params,
-            lr=request.learning_rate or cfg.learning_rate,
-            eps=1e-8,
-            weight_decay=cfg.weight_decay,
+        job = _Job(
+            request=request,
+            cancel=cancel,
+            progress=progress,
+            max_steps=cfg.max_steps if request.max_steps is None else request.max_steps,
+            budget=cfg.time_budget_s if request.time_budget_s is None else request.time_budget_s,
+            max_tokens=request.max_train_tokens or cfg.max_train_tokens,
         )
-        losses: list[float] = []
-        tokens = 0
-        reason: StopReason | None = None
-        start = time.monotonic()
-        self.model.train()
-        try:
-            for n, text in enumerate(request.documents, 1):
-                elapsed = time.monotonic() - start
-                if cancel is not None and cancel.is_set():
-                    reason = StopReason.CANCELLED
-                elif n > max_steps:
-                    reason = StopReason.MAX_STEPS
-                elif budget is not None and losses and elapsed + elapsed / len(losses) > budget:
-                    reason = StopReason.TIME_BUDGET  # the next step would most likely overrun the budget
-                if reason is not None:
-                    break
-                ids = self._tokens(text, max_tokens)
-                if ids.shape[1] < 2:
-                    log.warning("%s: skipping document %d: fewer than 2 tokens", request.request_id, n)
-                    continue
-                loss = self.model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-                tokens += int(ids.shape[1])
-                if progress is not None:
-                    progress(TrainStep(len(losses), losses[-1]))
-        finally:
-            self.model.eval()
-            del optimizer
-        train_seconds = time.monotonic() - start
-        if cancel is not None and cancel.is_set():
-            reason = StopReason.CANCELLED
-        reason = reason or request.documents_end
-        adapter, export_seconds = None, 0.0
-        if losses and reason != StopReason.CANCELLED:
-            started = time.monotonic()
-            adapter = self.export()
-            export_seconds = time.monotonic() - started
-        return TrainResult(
-            adapter=adapter,
-            steps=len(losses),
-            stop_reason=reason,
-            losses=losses,
-            tokens=tokens,
-            train_seconds=train_seconds,
-            export_seconds=export_seconds,
-        )
+        with self._cond:
+            if len(self._waiting) >= cfg.max_waiting:
+                raise TrainerBusyError(f"{len(self._waiting)} requests already waiting for the trainer")
+            self._waiting.append(job)
+            self._ensure_loop()
+            self._cond.notify_all()
+        while not job.done.wait(0.05):
+            if job.cancelled():
+                with self._cond:
+                    if job in self._waiting:  # never started: nothing to undo
+                        self._waiting.remove(job)
+                        queued = time.monotonic() - job.arrived
+                        return TrainResult(None, 0, StopReason.CANCELLED, queue_seconds=queued)
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
 
-    def export(self) -> AdapterHandle:
-        """Write the current adapter as a PEFT directory under the adapter root; the handle owns it."""
+    def export(self, slot: int) -> AdapterHandle:
+        """Write slot `slot` as a PEFT directory under the adapter root; the handle owns it."""
         path = new_adapter_dir(self.root)
         try:
-            # What PeftModel.save_pretrained writes, without its model card and state-dict walk (~100 ms).
-            save_file(self._adapter_tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+            # What PeftModel.save_pretrained writes, without its model card and state-dict walk.
+            save_file(self.bank.tensors(slot), path / "adapter_model.safetensors", metadata={"format": "pt"})
             (path / "adapter_config.json").write_text(self._adapter_config_json)
         except BaseException:
             remove_adapter_dir(path)
             raise
         return AdapterHandle(name=path.name, path=path)
 
+    @contextlib.contextmanager
+    def adapted(self, adapter: AdapterHandle | None) -> Iterator[torch.nn.Module]:
+        """The model with a saved adapter (or none: the base model) for one sequence at a time, for scoring.
+        Use it while no request is training, or from a `progress` callback."""
+        if adapter is None:
+            with self.bank.use(None):
+                yield self.model
+            return
+        self.bank.load(self._scratch, load_file(str(Path(adapter.path) / "adapter_model.safetensors")))
+        with self.bank.use([self._scratch]):
+            yield self.model
+
+    @contextlib.contextmanager
+    def training(self, request: TrainRequest) -> Iterator[torch.nn.Module]:
+        """The model with `request`'s adapter as trained so far, for one sequence at a time: for scoring
+        from the request's own `progress` callback (between its steps)."""
+        job = next(j for j in self._active if j.request is request)
+        with self.bank.use([job.slot]):
+            yield self.model
+
     @torch.no_grad()
-    def loss(self, text: str, adapter: bool = True, max_tokens: int | None = None) -> float:
-        """Mean next-token loss of `text` under the current adapter (or the base model alone)."""
+    def loss(self, text: str, adapter: AdapterHandle | None = None, max_tokens: int | None = None) -> float:
+        """Mean next-token loss of `text` under a saved adapter (or the base model alone)."""
         ids = self._tokens(text, max_tokens or self.config.max_train_tokens)
-        with contextlib.nullcontext() if adapter else self.model.disable_adapter():
-            return float(self.model(input_ids=ids, labels=ids).loss)
+        with self.adapted(adapter) as model:
+            return float(model(input_ids=ids.unsqueeze(0), labels=ids.unsqueeze(0)).loss)
+
+    # ---- the loop ----------------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        if self._loop_thread is None or not self._loop_thread.is_alive():
+            self._loop_thread = threading.Thread(target=self._loop, name="trainer-loop", daemon=True)
+            self._loop_thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._admit()
+                if not self._active:
+                    if not self._cond.wait(timeout=_IDLE_EXIT_S) and not self._waiting:
+                        self._loop_thread = None  # idle: the next request starts a new loop
+                        return
+                    continue
+            for job, reason in [(j, r) for j in self._active if (r := self._stop_reason(j)) is not None]:
+                self._finish(job, reason)
+            if self._active:
+                jobs = list(self._active)
+                try:
+                    self._step(jobs)
+                except Exception as exc:  # the batch's requests fail (their callers answer without an adapter)
+                    log.exception("training step failed for %d requests", len(jobs))
+                    for job in jobs:
+                        self._fail(job, exc)
+
+    def _admit(self) -> None:
+        """Give free slots to waiting requests, oldest first (called with the lock held)."""
+        while self._free and self._waiting:
+            job = self._waiting.popleft()
+            job.slot = self._free.pop(0)
+            seed = self.config.seed if job.request.seed is None else job.request.seed
+            self.bank.reset(job.slot, seed)
+            lr = job.request.learning_rate or self.config.learning_rate
+            self.optimizer.reset(job.slot, lr, self.config.weight_decay)
+            job.started = time.monotonic()
+            self._active.append(job)
+
+    def _stop_reason(self, job: _Job) -> StopReason | None:
+        """Why `job` takes no further step, or None to go on (checked before each of its steps)."""
+        if job.cancelled():
+            return StopReason.CANCELLED
+        if job.position >= len(job.request.documents):
+            return job.request.documents_end
+        if job.position >= job.max_steps:
+            return StopReason.MAX_STEPS
+        elapsed = time.monotonic() - (job.started or time.monotonic())
+        if job.budget is not None and job.losses and elapsed + elapsed / len(job.losses) > job.budget:
+            return StopReason.TIME_BUDGET  # the next step would most likely overrun the budget
+        return None
+
+    def _release_slot(self, job: _Job) -> None:
+        with self._cond:
+            self._active.remove(job)
+            self._free.append(job.slot)
+            self._free.sort()
+
+    def _finish(self, job: _Job, reason: StopReason) -> None:
+        """`job` leaves the batch: export its adapter now (unless cancelled or untrained), free its slot."""
+        train_seconds = time.monotonic() - (job.started or job.arrived)
+        adapter, export_seconds = None, 0.0
+        try:
+            if job.losses and reason != StopReason.CANCELLED:
+                started = time.monotonic()
+                adapter = self.export(job.slot)
+                export_seconds = time.monotonic() - started
+        except Exception as exc:
+            self._fail(job, exc)
+            return
+        self._release_slot(job)
+        job.result = TrainResult(
+            adapter=adapter,
+            steps=len(job.losses),
+            stop_reason=reason,
+            losses=job.losses,
+            tokens=job.tokens,
+            train_seconds=train_seconds,
+            export_seconds=export_seconds,
+            queue_seconds=(job.started or job.arrived) - job.arrived,
+        )
+        job.done.set()
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        if job in self._active:
+            self._release_slot(job)
+        job.error = exc
+        job.done.set()
+
+    def _tokens(self, text: str, max_tokens: int) -> torch.Tensor:
+        ids = self.tokenizer(text, truncation=True, max_length=max_tokens, return_tensors="pt").input_ids[0]
+        return ids.to(self.config.device)
+
+    def _next_sequence(self, job: _Job) -> torch.Tensor | None:
+        """The job's next document as token ids, skipping documents too short to predict anything."""
+        while job.position < min(len(job.request.documents), job.max_steps):
+            ids = self._tokens(job.request.documents[job.position], job.max_tokens)
+            job.position += 1
+            if ids.numel() >= 2:
+                return ids
+            log.warning("%s: skipping document %d: fewer than 2 tokens", job.request.request_id, job.position)
+        return None
+
+    def _step(self, jobs: list[_Job]) -> None:
+        """One optimizer step for each job, in one forward and backward pass."""
+        batch = [(job, ids) for job in jobs if (ids := self._next_sequence(job)) is not None]
+        if not batch:
+            return
+        width = max(ids.numel() for _, ids in batch)
+        input_ids = torch.full((len(batch), width), self._pad, dtype=torch.long, device=self.config.device)
+        mask = torch.zeros_like(input_ids)
+        for row, (_, ids) in enumerate(batch):
+            input_ids[row, : ids.numel()] = ids
+            mask[row, : ids.numel()] = 1
+        slots = [job.slot for job, _ in batch]
+        self.model.train()
+        try:
+            with self.bank.use(slots):
+                logits = self.model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+            targets, predicted = input_ids[:, 1:], mask[:, 1:].to(logits.dtype)
+            token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            per_sequence = (token_loss * predicted).sum(1) / predicted.sum(1)  # each its own tokens' mean
+            per_sequence.sum().backward()
+            self.optimizer.step(slots)
+        finally:
+            self.bank.weights.grad = None
+            self.model.eval()
+        for (job, ids), loss in zip(batch, per_sequence.detach().tolist(), strict=True):
+            job.losses.append(loss)
+            job.tokens += ids.numel()
+            if job.progress is not None:
+                try:
+                    job.progress(TrainStep(len(job.losses), loss))
+                except Exception:  # a broken callback must not fail the batch
+                    log.exception("%s: progress callback failed", job.request.request_id)

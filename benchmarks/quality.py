@@ -15,7 +15,6 @@ killed run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
@@ -128,14 +127,14 @@ class Evaluator:
     def __init__(self, trainer: Trainer, selector: Selector, tokenizer, config: Config) -> None:
         self.trainer, self.selector, self.tokenizer, self.config = trainer, selector, tokenizer, config
 
-    def score(self, prompt: dict, adapter: bool) -> dict[str, float]:
+    def score(self, prompt: dict, view) -> dict[str, float]:
+        """Bits of the continuation and of the whole window under `view` (a context manager giving the model)."""
         p = self.config.prompt_tokens
         context, continuation = prompt["ids"][:p], prompt["ids"][p:]
         cont_bytes = len(self.tokenizer.decode(continuation).encode("utf-8"))
         all_bytes = len(self.tokenizer.decode(prompt["ids"]).encode("utf-8"))
         prefix = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
-        model = self.trainer.model
-        with contextlib.nullcontext() if adapter else model.disable_adapter():
+        with view as model:
             cont_bits = continuation_bits(model, context, continuation)
             doc_bits = continuation_bits(model, [prefix], prompt["ids"])
         return {
@@ -149,7 +148,7 @@ class Evaluator:
 
     def run(self, prompt: dict, method: Method, learning_rate: float, seed: int) -> dict:
         started = time.monotonic()
-        base = self.score(prompt, adapter=False)
+        base = self.score(prompt, self.trainer.adapted(None))
         if method.rule is None:
             return {"steps": 0, "curve": {"0": base}, "final": base, "sigma2": [], "seconds": 0.0}
         text = self.tokenizer.decode(prompt["ids"][: self.config.prompt_tokens])
@@ -163,19 +162,16 @@ class Evaluator:
             seed=seed,
         )[0]
         curve = {"0": base}
-        model = self.trainer.model
+        request = TrainRequest(documents=[d.text for d in picked.documents], learning_rate=learning_rate, seed=seed)
 
         def at_step(done: TrainStep) -> None:
             if done.step in self.config.checkpoints:
-                model.eval()
-                curve[str(done.step)] = self.score(prompt, adapter=True)
-                model.train()
+                curve[str(done.step)] = self.score(prompt, self.trainer.training(request))
 
-        result = self.trainer.train(
-            TrainRequest(documents=[d.text for d in picked.documents], learning_rate=learning_rate, seed=seed),
-            progress=at_step,
-        )
-        final = curve.get(str(result.steps)) or (self.score(prompt, adapter=True) if result.steps else base)
+        result = self.trainer.train(request, progress=at_step)
+        final = curve.get(str(result.steps))
+        if final is None:
+            final = self.score(prompt, self.trainer.adapted(result.adapter)) if result.adapter else base
         if result.adapter is not None:
             result.adapter.release()
         return {

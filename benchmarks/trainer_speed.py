@@ -1,10 +1,16 @@
-"""Trainer speed: per-step time against a bare torch loop, adapter export time, peak memory, tokens/s.
+"""Trainer speed: training throughput at batch 1, 2, 4, 8 against the serial trainer, achieved FLOP/s
+against the machine's measured matmul peak, per-step overhead against a bare peft loop, export time.
 
-In one run, alternating so that machine noise hits both alike: a `Trainer` request of S steps, then a
-bare hand-written loop (forward, loss, backward, AdamW step) of S steps over the same peft-wrapped
-model, the same pre-tokenised windows and the same optimizer settings. Medians over repeats.
+In one run:
+- matmul peak: a large float32 `torch.matmul` (or bf16 on a GPU), timed; 2 n^3 flops each;
+- the same R requests (S steps each, real text, `--tokens` per step) submitted at once to a trainer with
+  `max_batch` = 1 (the serial trainer), 2, 4 and 8: tokens/s and requests/s of the whole wave, and the
+  achieved FLOP/s of training, counted as 4 x (matmul parameters) x tokens (frozen base: forward 2,
+  backward to the activations 2; the LoRA and attention terms are left out, so this is a lower bound);
+- batch 1 against a bare hand-written peft loop over the same windows (overhead of the machinery);
+- adapter export (median, max of 20).
 
-    python -m benchmarks.trainer_speed [--tokens 256] [--steps 4] [--repeats 5] [--model DIR]
+    python -m benchmarks.trainer_speed [--tokens 256] [--steps 4] [--requests 8] [--batches 1 2 4 8]
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import platform
 import resource
 import statistics
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
@@ -25,37 +32,79 @@ from adapters.trainer import Trainer, TrainRequest
 from infra.config import default_cache_dir
 from infra.models import resolve_model
 
+FILES = ["csv.py", "heapq.py", "bisect.py", "fnmatch.py", "glob.py", "shlex.py", "textwrap.py", "string.py"]
+
 
 def documents(count: int) -> list[str]:
-    """Real text: standard-library modules, one per step."""
+    """Real text: standard-library modules, cut at different offsets so no two windows are the same."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [
-        "csv.py",
-        "heapq.py",
-        "bisect.py",
-        "fnmatch.py",
-        "glob.py",
-        "shlex.py",
-        "textwrap.py",
-        "string.py",
-    ]
-    return [(root / files[i % len(files)]).read_text()[:20_000] for i in range(count)]
+    return [(root / FILES[i % len(FILES)]).read_text()[(i // len(FILES)) * 3000 :][:20_000] for i in range(count)]
 
 
-def bare_loop(trainer: Trainer, batches: list[torch.Tensor], lr: float) -> float:
-    """Seconds per step of the plainest loop over the trainer's own (peft-wrapped) model."""
-    params = [p for p in trainer.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, eps=1e-8, weight_decay=0.0)
-    trainer.model.train()
+def matmul_peak(device: str, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Measured FLOP/s of one large matmul on this device (best of `repeats`)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def matmul_parameters(model: torch.nn.Module) -> int:
+    """Weights that take part in matrix products per token (every linear layer, lm_head included)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def wave(trainer: Trainer, requests: list[TrainRequest]) -> dict:
+    """Submit all requests at once; wall time, tokens and per-request queue times."""
+    results = [None] * len(requests)
+
+    def run(i: int) -> None:
+        results[i] = trainer.train(requests[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
     start = time.perf_counter()
-    for ids in batches:
-        loss = trainer.model(input_ids=ids, labels=ids).loss
-        loss.backward()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    for r in results:
+        r.adapter.release()
+    tokens = sum(r.tokens for r in results)
+    return {
+        "wall_s": wall,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "requests_per_s": len(requests) / wall,
+        "queue_s_mean": statistics.mean(r.queue_seconds for r in results),
+    }
+
+
+def bare_loop(model_dir: Path, config: TrainerConfig, windows: list[torch.Tensor]) -> float:
+    """Seconds per step of the plainest peft loop (one window per step) over the same windows."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(config.device)
+    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules))
+    model = get_peft_model(base, lora).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=1e-8)
+    times = []
+    for ids in [windows[0]] + windows:  # the first is a warm-up
+        start = time.perf_counter()
+        model(input_ids=ids[None], labels=ids[None]).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    elapsed = time.perf_counter() - start
-    trainer.model.eval()
-    return elapsed / len(batches)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def peak_rss_mb() -> float:
@@ -65,75 +114,60 @@ def peak_rss_mb() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=256, help="max_train_tokens per step")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4, help="steps per request")
+    parser.add_argument("--requests", type=int, default=8, help="requests per wave")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/trainer_speed.json"))
     args = parser.parse_args()
 
     model_dir = resolve_model(args.model, default_cache_dir())
-    rss_before = peak_rss_mb()
-    config = TrainerConfig(max_train_tokens=args.tokens, max_steps=args.steps, time_budget_s=None, device=args.device)
-    trainer = Trainer(model_dir, config)
-    docs = documents(args.steps)
-    batches = [trainer._tokens(d, args.tokens) for d in docs]
-    trainer.train(TrainRequest(documents=docs[:1])).adapter.release()  # warm-up
-    bare_loop(trainer, batches[:1], config.learning_rate)
-
-    trainer_step, bare_step, tokens_per_s = [], [], []
-    for r in range(args.repeats):
-        result = trainer.train(TrainRequest(documents=docs))
-        result.adapter.release()
-        trainer_step.append(result.train_seconds / result.steps)
-        tokens_per_s.append(result.tokens / result.train_seconds)
-        bare_step.append(bare_loop(trainer, batches, config.learning_rate))
+    docs = documents(args.requests * args.steps)
+    requests = [TrainRequest(documents=docs[i * args.steps : (i + 1) * args.steps]) for i in range(args.requests)]
+    base = TrainerConfig(max_train_tokens=args.tokens, max_steps=args.steps, time_budget_s=None, device=args.device)
+    results: dict = {
+        "machine": {"platform": platform.platform(), "device": args.device, "threads": torch.get_num_threads()},
+        "settings": {**vars(args), "out": str(args.out), "model": str(model_dir), "rank": base.rank},
+        "batches": {},
+    }
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    results["matmul_peak_flops"] = peak = matmul_peak(args.device, dtype)
+    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    for batch in args.batches:
+        trainer = Trainer(model_dir, base.model_copy(update={"max_batch": batch}))
+        flops_per_token = 4 * matmul_parameters(trainer.model)
+        trainer.train(TrainRequest(documents=docs[:1])).adapter.release()  # warm-up
+        row = wave(trainer, requests)
+        row["achieved_flops"] = flops_per_token * row["tokens_per_s"]
+        row["share_of_peak"] = row["achieved_flops"] / peak
+        results["batches"][str(batch)] = row
         print(
-            f"repeat {r + 1}: trainer {trainer_step[-1]:.3f} s/step, bare loop {bare_step[-1]:.3f} s/step",
+            f"max_batch {batch}: {row['tokens_per_s']:.0f} tokens/s, {row['requests_per_s']:.3f} requests/s, "
+            f"{row['achieved_flops'] / 1e9:.1f} GFLOP/s ({100 * row['share_of_peak']:.0f}% of peak)",
             flush=True,
         )
-
-    exports = []
-    for _ in range(20):
-        start = time.perf_counter()
-        handle = trainer.export()
-        exports.append(time.perf_counter() - start)
-        handle.release()
-    adapter_mb = sum(t.numel() * t.element_size() for t in trainer._adapter_tensors.values()) / 2**20
-
-    results = {
-        "machine": {
-            "platform": platform.platform(),
-            "device": args.device,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
-        "settings": {
-            "model": str(model_dir),
-            "tokens_per_step": args.tokens,
-            "steps": args.steps,
-            "repeats": args.repeats,
-            "rank": config.rank,
-            "dtype": str(trainer.dtype),
-        },
-        "trainer_step_s": statistics.median(trainer_step),
-        "bare_loop_step_s": statistics.median(bare_step),
-        "ratio": statistics.median(trainer_step) / statistics.median(bare_step),
-        "ratio_per_repeat": [a / b for a, b in zip(trainer_step, bare_step, strict=True)],
-        "tokens_per_s": statistics.median(tokens_per_s),
-        "export_s_median": statistics.median(exports),
-        "export_s_max": max(exports),
-        "adapter_mb": adapter_mb,
-        "peak_rss_mb": peak_rss_mb(),
-        "peak_rss_mb_before_model": rss_before,
-        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-    }
-    print(
-        f"trainer {results['trainer_step_s']:.3f} s/step vs bare {results['bare_loop_step_s']:.3f} s/step "
-        f"(ratio {results['ratio']:.3f}); {results['tokens_per_s']:.0f} tokens/s; export "
-        f"{results['export_s_median'] * 1e3:.1f} ms ({adapter_mb:.1f} MB); "
-        f"peak RSS {results['peak_rss_mb']:.0f} MB"
-    )
+        if batch == 1:
+            exports = []
+            for _ in range(20):
+                start = time.perf_counter()
+                trainer.export(0).release()
+                exports.append(time.perf_counter() - start)
+            results["export_s_median"], results["export_s_max"] = statistics.median(exports), max(exports)
+            results["adapter_mb"] = trainer.bank.parameters_per_slot * 4 / 2**20
+            windows = [trainer._tokens(d, args.tokens) for d in docs[: args.steps]]
+            single = trainer.train(TrainRequest(documents=docs[: args.steps]))
+            single.adapter.release()
+            results["trainer_step_s"] = single.train_seconds / single.steps
+        del trainer
+    serial = results["batches"].get("1")
+    if serial:
+        for row in results["batches"].values():
+            row["speedup_over_serial"] = row["tokens_per_s"] / serial["tokens_per_s"]
+        results["bare_loop_step_s"] = bare_loop(model_dir, base, windows)
+        results["step_over_bare_loop"] = results["trainer_step_s"] / results["bare_loop_step_s"]
+    results["peak_rss_mb"] = peak_rss_mb()
+    print(json.dumps({k: v for k, v in results.items() if k not in ("batches", "settings", "machine")}))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -42,23 +42,23 @@ def base_snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainer.base_model.state_dict().items() if "lora_" not in k}
 
 
-class CancelAfter(threading.Event):
-    """A cancel flag that turns on after it has been looked at `checks` times (a deterministic disconnect)."""
+def cancel_after(steps: int) -> tuple[threading.Event, object]:
+    """A cancel flag and a progress callback that sets it once `steps` steps are done (a deterministic
+    disconnect between two steps)."""
+    cancel = threading.Event()
 
-    def __init__(self, checks: int) -> None:
-        super().__init__()
-        self.remaining = checks
+    def progress(done) -> None:
+        if done.step >= steps:
+            cancel.set()
 
-    def is_set(self) -> bool:
-        self.remaining -= 1
-        return self.remaining < 0
+    return cancel, progress
 
 
 def test_training_lowers_the_loss_on_the_document(trainer):
-    before = trainer.loss(TEXT, adapter=False)
+    before = trainer.loss(TEXT)
     result = trainer.train(TrainRequest(documents=[TEXT] * 5))
     assert result.steps == 5 and result.stop_reason == "max_steps" and result.adapter is not None
-    assert trainer.loss(TEXT) < before - 0.05
+    assert trainer.loss(TEXT, result.adapter) < before - 0.05
     assert result.losses[-1] < result.losses[0]
     assert result.tokens == 5 * 64 and result.train_seconds > 0 and result.export_seconds > 0
     result.adapter.release()
@@ -71,8 +71,8 @@ def test_saved_adapter_reproduces_the_in_memory_model(trainer, tiny_dir):
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), result.adapter.path).eval()
     assert loaded.peft_config["default"].base_model_name_or_path == str(tiny_dir)
     ids = trainer.tokenizer(OTHER[:200], return_tensors="pt").input_ids
-    with torch.no_grad():
-        assert torch.allclose(loaded(ids).logits, trainer.model(ids).logits, atol=1e-5)
+    with torch.no_grad(), trainer.adapted(result.adapter) as model:
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
     result.adapter.release()
     assert not result.adapter.path.exists()
 
@@ -81,7 +81,7 @@ def test_base_weights_stay_bit_identical(trainer):
     before = base_snapshot(trainer)
     for request in (TrainRequest(documents=[TEXT] * 3), TrainRequest(documents=[OTHER], learning_rate=0.5)):
         trainer.train(request).adapter.release()
-    trainer.train(TrainRequest(documents=[TEXT] * 3), cancel=CancelAfter(2))
+    trainer.train(TrainRequest(documents=[TEXT] * 3), *cancel_after(2))
     after = base_snapshot(trainer)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -119,7 +119,7 @@ def test_stopping_rules(trainer):
 
 
 def test_cancellation_stops_within_a_step_and_leaves_nothing(trainer, adapter_root):
-    result = trainer.train(TrainRequest(documents=[TEXT] * 6), cancel=CancelAfter(2))
+    result = trainer.train(TrainRequest(documents=[TEXT] * 6), *cancel_after(2))
     assert (result.steps, result.stop_reason, result.adapter) == (2, "cancelled", None)
     before = threading.Event()
     before.set()
@@ -143,17 +143,16 @@ def test_failures_leave_no_directory(trainer, adapter_root, monkeypatch):
     assert list(adapter_root.iterdir()) == []
 
 
-def test_requests_queue_and_report_their_wait(trainer):
-    results = {}
+def test_requests_queue_for_a_slot_and_report_their_wait(tiny_dir, adapter_root):
+    trainer = Trainer(tiny_dir, TrainerConfig(max_batch=1, max_steps=8, adapter_dir=adapter_root))
+    results, first_started = {}, threading.Event()
 
-    def run(name: str) -> None:
-        results[name] = trainer.train(TrainRequest(documents=[TEXT] * 3))
+    def run(name: str, progress=None) -> None:
+        results[name] = trainer.train(TrainRequest(documents=[TEXT] * 3), progress=progress)
 
-    first = threading.Thread(target=run, args=("first",))
+    first = threading.Thread(target=run, args=("first", lambda step: first_started.set()))
     first.start()
-    while trainer._lock.acquire(blocking=False):  # wait until the first request holds the trainer
-        trainer._lock.release()
-        time.sleep(0.001)
+    first_started.wait(30)
     run("second")
     first.join()
     assert results["second"].queue_seconds > 0.01
@@ -163,17 +162,22 @@ def test_requests_queue_and_report_their_wait(trainer):
 
 
 def test_a_full_queue_is_refused(tiny_dir, adapter_root):
-    trainer = Trainer(tiny_dir, TrainerConfig(max_waiting=1, adapter_dir=adapter_root))
-    trainer._lock.acquire()  # a long request in progress
-    waiter = threading.Thread(target=lambda: trainer.train(TrainRequest(documents=[]), cancel=CancelAfter(40)))
+    trainer = Trainer(tiny_dir, TrainerConfig(max_batch=1, max_waiting=1, max_steps=1000, adapter_dir=adapter_root))
+    running, stop = threading.Event(), threading.Event()
+    long = TrainRequest(documents=[TEXT] * 1000, time_budget_s=None)
+    holder = threading.Thread(target=lambda: trainer.train(long, stop, lambda step: running.set()))
+    holder.start()
+    running.wait(30)
+    waiter = threading.Thread(target=lambda: trainer.train(TrainRequest(documents=[TEXT]), stop))
     waiter.start()
-    while trainer._waiting == 0:
+    while len(trainer._waiting) == 0:
         time.sleep(0.001)
     with pytest.raises(TrainerBusyError):
         trainer.train(TrainRequest(documents=[TEXT]))
+    stop.set()
+    holder.join()
     waiter.join()
-    trainer._lock.release()
-    assert trainer._waiting == 0
+    assert len(trainer._waiting) == 0 and list(adapter_root.iterdir()) == []
 
 
 def test_stale_directories_of_dead_processes_are_removed(tmp_path):

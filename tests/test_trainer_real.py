@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
@@ -15,16 +16,23 @@ pytestmark = pytest.mark.slow
 
 TEXT = (STDLIB / "this.py").read_text()  # the Zen of Python, ROT13-encoded: text the model cannot know
 PROMPT = TEXT[:60]
+OTHER = (STDLIB / "csv.py").read_text()
 
 
 @pytest.fixture(scope="module")
 def trained(default_model_dir, tmp_path_factory):
+    """The Zen's adapter, trained in one batch with a batch-mate on another text."""
     trainer = Trainer(
         default_model_dir,
         TrainerConfig(learning_rate=2e-3, max_train_tokens=128, adapter_dir=tmp_path_factory.mktemp("adapters")),
     )
-    before = trainer.loss(TEXT, adapter=False, max_tokens=128)
+    before = trainer.loss(TEXT, max_tokens=128)
+    mate: dict = {}
+    other = threading.Thread(target=lambda: mate.update(r=trainer.train(TrainRequest(documents=[OTHER] * 3, seed=9))))
+    other.start()
     result = trainer.train(TrainRequest(documents=[TEXT] * 4))
+    other.join()
+    mate["r"].adapter.release()
     yield trainer, result, before
     result.adapter.release()
 
@@ -32,18 +40,20 @@ def trained(default_model_dir, tmp_path_factory):
 def test_a_few_steps_lower_the_loss_of_real_text(trained):
     trainer, result, before = trained
     assert result.steps == 4
-    after = trainer.loss(TEXT, max_tokens=128)
+    after = trainer.loss(TEXT, result.adapter, max_tokens=128)
     assert after < before - 0.5, (before, after)
 
 
-def greedy_hf(trainer: Trainer, adapter: bool) -> list[int]:
-    ids = trainer.tokenizer(PROMPT, return_tensors="pt").input_ids
+def greedy_hf(model_dir, adapter_path=None) -> list[int]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_path is not None:
+        model = PeftModel.from_pretrained(model, adapter_path)
+    ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
-        if adapter:
-            out = trainer.model.generate(ids, max_new_tokens=16, do_sample=False)
-        else:
-            with trainer.model.disable_adapter():
-                out = trainer.model.generate(ids, max_new_tokens=16, do_sample=False)
+        out = model.eval().generate(ids, max_new_tokens=16, do_sample=False)
     return out[0, ids.shape[1] :].tolist()
 
 
@@ -53,8 +63,8 @@ def test_adapter_loads_in_vllm_and_changes_greedy_output_like_peft(trained, defa
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    trainer, result, _ = trained
-    hf_base, hf_lora = greedy_hf(trainer, adapter=False), greedy_hf(trainer, adapter=True)
+    _, result, _ = trained
+    hf_base, hf_lora = greedy_hf(default_model_dir), greedy_hf(default_model_dir, result.adapter.path)
     assert hf_base != hf_lora
     llm = LLM(
         model=str(default_model_dir),

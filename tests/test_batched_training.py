@@ -1,0 +1,128 @@
+"""Continuous batching of training steps: an adapter trained for a request in a batch with others equals
+the adapter trained for it alone (the contract), with batch-mates of other lengths joining and leaving
+at other steps; and the per-slot optimizer is AdamW exactly."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adapters.config import TrainerConfig
+from adapters.slot_adamw import SlotAdamW
+from adapters.trainer import Trainer, TrainRequest
+from tests.conftest import STDLIB, tiny_llama_dir
+
+DOCS = {name: (STDLIB / name).read_text() for name in ("bisect.py", "fnmatch.py", "heapq.py", "shlex.py")}
+
+
+def test_slot_adamw_is_adamw_per_slot():
+    torch.manual_seed(0)
+    weights = torch.nn.Parameter(torch.randn(3, 50))
+    reference = [torch.nn.Parameter(weights[s].detach().clone()) for s in range(3)]
+    optimizers = [
+        torch.optim.AdamW([p], lr=lr, eps=1e-8, weight_decay=0.01)
+        for p, lr in zip(reference, (1e-2, 3e-3, 1e-1), strict=True)
+    ]
+    ours = SlotAdamW(weights)
+    for s, lr in enumerate((1e-2, 3e-3, 1e-1)):
+        ours.reset(s, lr, 0.01)
+    schedule = [[0, 1], [0], [0, 1, 2], [2], [0, 2]]  # slots join and leave
+    for slots in schedule:
+        grads = torch.randn(3, 50)
+        weights.grad = torch.zeros_like(weights)
+        for s in slots:
+            weights.grad[s] = grads[s]
+            reference[s].grad = grads[s].clone()
+            optimizers[s].step()
+        ours.step(slots)
+    for s in range(3):
+        assert torch.allclose(weights[s], reference[s], rtol=1e-6, atol=1e-7), s
+
+
+def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in a)
+
+
+def requests() -> dict[str, TrainRequest]:
+    return {
+        "long": TrainRequest(documents=[DOCS["bisect.py"], DOCS["heapq.py"]] * 2, max_train_tokens=96, seed=1),
+        "short": TrainRequest(documents=[DOCS["fnmatch.py"][:300]] * 4, learning_rate=3e-3, seed=2),
+        "leaves_early": TrainRequest(documents=[DOCS["shlex.py"]] * 4, max_steps=2, max_train_tokens=48, seed=3),
+        "joins_late": TrainRequest(documents=[DOCS["heapq.py"][:700], DOCS["bisect.py"][:200]] * 2, seed=4),
+    }
+
+
+def train_alone(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for name, request in requests().items():
+        result = trainer.train(request)
+        out[name] = load_file(result.adapter.path / "adapter_model.safetensors")
+        result.adapter.release()
+    return out
+
+
+def train_together(trainer: Trainer) -> tuple[dict[str, dict[str, torch.Tensor]], list[int]]:
+    """All four at once: three start together, the fourth joins after the first one's second step."""
+    batch_sizes: list[int] = []
+    step = trainer._step
+
+    def recording_step(jobs):
+        batch_sizes.append(len(jobs))
+        step(jobs)
+
+    trainer._step = recording_step
+    reqs, out, threads = requests(), {}, []
+
+    def run(name: str, progress=None) -> None:
+        result = trainer.train(reqs[name], progress=progress)
+        out[name] = load_file(result.adapter.path / "adapter_model.safetensors")
+        result.adapter.release()
+
+    def start(name: str, progress=None) -> None:
+        thread = threading.Thread(target=run, args=(name, progress))
+        threads.append(thread)
+        thread.start()
+
+    def launch_late(done) -> None:
+        if done.step == 2:
+            start("joins_late")
+
+    start("long", launch_late)
+    start("short")
+    start("leaves_early")
+    while len(threads) < 4 or any(t.is_alive() for t in threads):
+        for t in list(threads):
+            t.join(0.05)
+    return out, batch_sizes
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def test_batched_adapters_equal_adapters_trained_alone(tiny, tmp_path):
+    config = TrainerConfig(
+        max_batch=4, max_steps=8, max_train_tokens=64, learning_rate=1e-2, adapter_dir=tmp_path, time_budget_s=None
+    )
+    alone = train_alone(Trainer(tiny, config.model_copy(update={"max_batch": 1})))
+    together, batch_sizes = train_together(Trainer(tiny, config))
+    assert max(batch_sizes) >= 3, batch_sizes  # they really shared steps
+    for name in alone:
+        assert max_relative_difference(together[name], alone[name]) <= 1e-4, name
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_batched_adapters_equal_alone_on_the_default_model(default_model_dir, tmp_path):
+    config = TrainerConfig(max_batch=4, max_steps=4, max_train_tokens=48, adapter_dir=tmp_path, time_budget_s=None)
+    trainer = Trainer(default_model_dir, config)
+    alone = train_alone(trainer)  # one at a time on the same trainer: slots are reset between requests
+    together, batch_sizes = train_together(trainer)
+    assert max(batch_sizes) >= 3, batch_sizes
+    for name in alone:
+        assert max_relative_difference(together[name], alone[name]) <= 1e-4, name
