@@ -151,7 +151,7 @@ class Trainer:
         self.bank = LoRABank(
             self.model, list(cfg.target_modules), cfg.max_batch + 1, cfg.rank, cfg.lora_alpha, cfg.lora_dropout
         )
-        self.optimizer = SlotAdamW(self.bank.weights, eps=1e-8)
+        self.optimizer = SlotAdamW(self.bank.lora_parameters(), eps=1e-8)
         lora = LoraConfig(
             r=cfg.rank,
             lora_alpha=cfg.lora_alpha,
@@ -372,14 +372,19 @@ class Trainer:
         self.model.train()
         try:
             with self.bank.use(slots):
-                logits = self.model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-            targets, predicted = input_ids[:, 1:], mask[:, 1:].to(logits.dtype)
-            token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-            per_sequence = (token_loss * predicted).sum(1) / predicted.sum(1)  # each its own tokens' mean
+                logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+            # Targets are the inputs shifted left, -100 (ignored) past each sequence's end: no copy of the logits.
+            targets = torch.nn.functional.pad(input_ids.masked_fill(mask == 0, -100)[:, 1:], (0, 1), value=-100)
+            token_loss = torch.nn.functional.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+            ).view(targets.shape)
+            predicted = (targets != -100).sum(1)
+            per_sequence = token_loss.sum(1) / predicted  # each sequence's mean over its own tokens
             per_sequence.sum().backward()
             self.optimizer.step(slots)
         finally:
-            self.bank.weights.grad = None
+            for param in self.bank.lora_parameters():
+                param.grad = None
             self.model.eval()
         for (job, ids), loss in zip(batch, per_sequence.detach().tolist(), strict=True):
             job.losses.append(loss)

@@ -1,1 +1,2 @@
-"""Benchmarks: selection speed (and later trainer, latency, quality); results as JSON under results/."""
+"""Benchmarks: selection speed, trainer speed, serving latency, quality (bits per byte) and the corpus
+recipes; each prints its figures and saves them as JSON under results/."""

@@ -38,7 +38,8 @@ FILES = ["csv.py", "heapq.py", "bisect.py", "fnmatch.py", "glob.py", "shlex.py",
 def documents(count: int) -> list[str]:
     """Real text: standard-library modules, cut at different offsets so no two windows are the same."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    return [(root / FILES[i % len(FILES)]).read_text()[(i // len(FILES)) * 3000 :][:20_000] for i in range(count)]
+    texts = [(root / FILES[i % len(FILES)]).read_text() for i in range(count)]
+    return [text[((i // len(FILES)) * 3000) % (len(text) // 2) :][:20_000] for i, text in enumerate(texts)]
 
 
 def matmul_peak(device: str, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -87,12 +88,12 @@ def wave(trainer: Trainer, requests: list[TrainRequest]) -> dict:
     }
 
 
-def bare_loop(model_dir: Path, config: TrainerConfig, windows: list[torch.Tensor]) -> float:
+def bare_loop(model_dir: Path, config: TrainerConfig, windows: list[torch.Tensor], dtype: torch.dtype) -> float:
     """Seconds per step of the plainest peft loop (one window per step) over the same windows."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(config.device)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(config.device)
     lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules))
     model = get_peft_model(base, lora).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -159,12 +160,13 @@ def main() -> None:
             single = trainer.train(TrainRequest(documents=docs[: args.steps]))
             single.adapter.release()
             results["trainer_step_s"] = single.train_seconds / single.steps
+            trainer_dtype = trainer.dtype
         del trainer
     serial = results["batches"].get("1")
     if serial:
         for row in results["batches"].values():
             row["speedup_over_serial"] = row["tokens_per_s"] / serial["tokens_per_s"]
-        results["bare_loop_step_s"] = bare_loop(model_dir, base, windows)
+        results["bare_loop_step_s"] = bare_loop(model_dir, base, windows, trainer_dtype)
         results["step_over_bare_loop"] = results["trainer_step_s"] / results["bare_loop_step_s"]
     results["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps({k: v for k, v in results.items() if k not in ("batches", "settings", "machine")}))

@@ -190,9 +190,16 @@ def create_app(server: OpenAIServer, behind_serve_proxy: bool = False) -> FastAP
         count(request, 200)
         return JSONResponse(result.model_dump(mode="json"))
 
-    def note_ignored(body: ChatCompletionRequest | CompletionRequest) -> None:
+    async def generate(request: Request, body: ChatCompletionRequest | CompletionRequest, route) -> Response:
         if body.ignored_fields:
             log.warning("ignoring unsupported request fields: %s", ", ".join(body.ignored_fields))
+        server.admit()
+        try:
+            result = await route(body, request.state.request_id)
+        except BaseException:
+            server.leave()
+            raise
+        return await respond(request, result)
 
     @app.post(
         "/v1/chat/completions",
@@ -200,25 +207,11 @@ def create_app(server: OpenAIServer, behind_serve_proxy: bool = False) -> FastAP
         responses={**_ERRORS, 200: {"content": _STREAM}},
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        note_ignored(body)
-        server.admit()
-        try:
-            result = await server.chat(body, request.state.request_id)
-        except BaseException:
-            server.leave()
-            raise
-        return await respond(request, result)
+        return await generate(request, body, server.chat)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**_ERRORS, 200: {"content": _STREAM}})
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        note_ignored(body)
-        server.admit()
-        try:
-            result = await server.completion(body, request.state.request_id)
-        except BaseException:
-            server.leave()
-            raise
-        return await respond(request, result)
+        return await generate(request, body, server.completion)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def models() -> ModelList:

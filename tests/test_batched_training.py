@@ -26,7 +26,7 @@ def test_slot_adamw_is_adamw_per_slot():
         torch.optim.AdamW([p], lr=lr, eps=1e-8, weight_decay=0.01)
         for p, lr in zip(reference, (1e-2, 3e-3, 1e-1), strict=True)
     ]
-    ours = SlotAdamW(weights)
+    ours = SlotAdamW([weights])
     for s, lr in enumerate((1e-2, 3e-3, 1e-1)):
         ours.reset(s, lr, 0.01)
     schedule = [[0, 1], [0], [0, 1, 2], [2], [0, 2]]  # slots join and leave

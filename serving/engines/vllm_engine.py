@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from pathlib import Path
 
 from adapters.handle import AdapterHandle
@@ -102,26 +103,13 @@ class VLLMGenerator:
                 lora = LoRARequest(adapter.name, next(self._lora_ids), str(adapter.path))
                 await self.engine.add_lora(lora)
                 load_s = time.monotonic() - started
-            params = SamplingParams(
-                n=sampling.n,
-                max_tokens=max(1, sampling.max_tokens),
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                min_p=sampling.min_p,
-                repetition_penalty=sampling.repetition_penalty,
-                presence_penalty=sampling.presence_penalty,
-                frequency_penalty=sampling.frequency_penalty,
-                stop=list(sampling.stop) or None,
-                seed=sampling.seed,
-                min_tokens=sampling.min_tokens,
-                ignore_eos=sampling.ignore_eos,
-                skip_special_tokens=sampling.skip_special_tokens,
-                include_stop_str_in_output=sampling.include_stop_str_in_output,
-                logprobs=sampling.logprobs,
-                prompt_logprobs=sampling.prompt_logprobs,
-                output_kind=RequestOutputKind.DELTA,
-            )
+            # `Sampling` speaks SamplingParams' vocabulary, field for field.
+            fields = {
+                **asdict(sampling),
+                "max_tokens": max(1, sampling.max_tokens),
+                "stop": list(sampling.stop) or None,
+            }
+            params = SamplingParams(**fields, output_kind=RequestOutputKind.DELTA)
             first = True
             stream = self.engine.generate(
                 TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=lora

@@ -1,0 +1,64 @@
+"""Several Trainer replicas (each a model copy) behind one Ray Serve app: requests spread over them and
+each gets its adapter. Tiny random Llama and the transformers engine, so only Ray Serve is under test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import openai
+import pytest
+
+from serving.config import Settings
+from tests.conftest import tiny_llama_dir
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, small_index):
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+    from ray import serve
+
+    from serving.deployments import build
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings.model_validate(
+        {
+            "models": {"base_model": str(tiny_llama_dir(tmp_path_factory.mktemp("tiny") / MODEL))},
+            "index_path": str(small_index.directory),
+            "selection": {"candidates": 20},
+            "trainer": {"max_steps": 3, "max_train_tokens": 32, "max_batch": 2},
+            "generator": {"engine": "transformers", "max_model_len": 256, "default_max_tokens": 4},
+            "server": {"port": port, "trainer": {"num_cpus": 0.25, "replicas": 2}},
+        }
+    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build(settings), name="sift-serve", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+async def test_two_trainer_replicas_serve_concurrent_adapted_requests(served):
+    from ray import serve
+
+    trainer = serve.status().applications["sift-serve"].deployments["Trainer"]
+    assert trainer.replica_states.get("RUNNING") == 2
+    client = openai.AsyncOpenAI(base_url=f"{served}/v1", api_key="unused", timeout=120)
+    prompts = ["csv rows", "heap queue", "glob patterns", "shell quoting", "bisect insort", "fnmatch case"]
+    answers = await asyncio.gather(
+        *(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}]) for p in prompts)
+    )
+    reports = [a.model_extra["adaptation"] for a in answers]
+    assert all(r["adapter"] and r["steps"] == 3 for r in reports), reports
