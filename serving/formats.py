@@ -86,6 +86,10 @@ class _Format:
     def piece(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
+    def completion_tokens(self, output: Output) -> int:
+        """Tokens to bill as completion (usage)."""
+        return output.completion_tokens
+
 
 class ChatFormat(_Format):
     prefix = "chatcmpl"
@@ -141,7 +145,7 @@ class ChatFormat(_Format):
             created=self.created,
             model=self.model_name,
             choices=choices,
-            usage=UsageInfo.of(prompt_tokens, output.completion_tokens),
+            usage=UsageInfo.of(prompt_tokens, self.completion_tokens(output)),
             adaptation=self.job.report,
         )
 
@@ -161,6 +165,9 @@ class CompletionFormat(_Format):
     def opening(self, report: AdaptationReport) -> CompletionChunk:
         choices = [CompletionChoice(index=i, text="") for i in range(self.job.sampling.n)]
         return self.chunk(choices, adaptation=report)
+
+    def completion_tokens(self, output: Output) -> int:
+        return 0 if self.scoring else output.completion_tokens
 
     def _entries(self, output: Output, token_ids: list[int], logprobs: list[TokenLogprobs], first: bool):
         """(token, logprobs) pairs to report: the prompt's first when echoing, then the generated ones."""
@@ -209,12 +216,11 @@ class CompletionFormat(_Format):
             choices.append(
                 CompletionChoice(index=i, text=self._text(c.text, True), logprobs=logprobs, finish_reason=finish)
             )
-        completion_tokens = 0 if self.scoring else output.completion_tokens
         return CompletionResponse(
             id=self.id,
             created=self.created,
             model=self.model_name,
             choices=choices,
-            usage=UsageInfo.of(prompt_tokens, completion_tokens),
+            usage=UsageInfo.of(prompt_tokens, self.completion_tokens(output)),
             adaptation=self.job.report,
         )

@@ -120,7 +120,6 @@ class OpenAIServer:
     def _job(
         self, req: ChatCompletionRequest | CompletionRequest, request_id: str, prompt_ids: list[int], default_max: int
     ) -> Job:
-        self.check_model(req.model)
         if req.n > self.settings.server.limits.n:
             raise bad_request(f"n is {req.n}; this server allows at most {self.settings.server.limits.n}", "n")
         param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
@@ -203,8 +202,7 @@ class OpenAIServer:
                 if chunk is not None:
                     yield sse_data(chunk)
         if include_usage:
-            completion = 0 if isinstance(fmt, CompletionFormat) and fmt.scoring else output.completion_tokens
-            yield sse_data(fmt.chunk(usage=UsageInfo.of(len(job.prompt_ids), completion)))
+            yield sse_data(fmt.chunk(usage=UsageInfo.of(len(job.prompt_ids), fmt.completion_tokens(output))))
         yield "data: [DONE]\n\n"
 
 

@@ -63,3 +63,23 @@ def test_engine_lora_rank_rounds_up_to_what_vllm_accepts():
     assert [engine_lora_rank(r) for r in (1, 4, 8, 12, 16, 100)] == [1, 8, 8, 16, 16, 128]
     with pytest.raises(ValueError, match="largest LoRA rank"):
         engine_lora_rank(1000)
+
+
+def test_cli_flags_override_env_and_file(config_file, monkeypatch):
+    from serving.cli import _settings
+
+    monkeypatch.setenv("SIFT_SERVE_SERVER__PORT", "9100")
+    assert _settings(config_file).server.port == 9100
+    settings = _settings(
+        config_file,
+        server__port=9200,
+        server__api_keys=["flag-key"],
+        server__served_model_name="m",
+        generator__max_model_len=512,
+    )
+    assert (settings.server.port, settings.server.keys(), settings.server.served_model_name) == (
+        9200,
+        ["flag-key"],
+        "m",
+    )
+    assert settings.generator.max_model_len == 512 and settings.trainer.rank == 8  # the file's other keys stay
