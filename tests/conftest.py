@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,43 @@ def tiny_llama_dir(path: Path, seed: int = 0, vocab_size: int = 512) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(settings) -> Iterator[str]:
+    """The Ray Serve application for `settings` on a local Ray cluster, torn down afterwards; yields its URL.
+
+    The port is chosen once Ray's own processes are up (they take ports too), and another one is tried if
+    the proxy still cannot bind it.
+    """
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+    from ray import serve
+
+    from serving.deployments import build
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for attempt in range(3):
+            settings.server.port = free_port()
+            try:
+                serve.start(http_options={"host": "127.0.0.1", "port": settings.server.port})
+                serve.run(build(settings), name="sift-serve", route_prefix="/")
+                break
+            except Exception:
+                serve.shutdown()
+                if attempt == 2:
+                    raise
+        yield f"http://127.0.0.1:{settings.server.port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -117,12 +117,48 @@ def test_batched_adapters_equal_adapters_trained_alone(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def frobenius_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in a)
+
+
 @pytest.mark.slow
-def test_batched_adapters_equal_alone_on_the_default_model(default_model_dir, tmp_path):
+def test_batched_gradients_equal_alone_on_the_default_model(default_model_dir, tmp_path):
+    """On the real model, a padded batch-mate changes a request's gradient only by float rounding (<= 1e-4). Adam's
+    normalised steps amplify that rounding where a gradient is near zero (its sign flips), so after 4 steps
+    the element-wise difference grows past 1e-4 while the tensors as a whole stay within 1e-2."""
     config = TrainerConfig(max_batch=4, max_steps=4, max_train_tokens=48, adapter_dir=tmp_path, time_budget_s=None)
     trainer = Trainer(default_model_dir, config)
-    alone = train_alone(trainer)  # one at a time on the same trainer: slots are reset between requests
+    short = trainer._tokens(DOCS["fnmatch.py"][:300], 48)
+    long = trainer._tokens(DOCS["bisect.py"], 96)
+
+    def gradient(ids: torch.Tensor, mask: torch.Tensor, slots: list[int]) -> list[torch.Tensor]:
+        trainer.bank.reset(0, 2)
+        trainer.bank.reset(1, 1)
+        with torch.no_grad():  # a non-zero B, so every LoRA tensor has a gradient
+            for layer in trainer.bank.layers:
+                layer.lora_b.copy_(torch.linspace(-0.01, 0.01, layer.lora_b.numel()).view_as(layer.lora_b))
+        with trainer.bank.use(slots):
+            logits = trainer.model(input_ids=ids, attention_mask=mask).logits
+        targets = torch.nn.functional.pad(ids.masked_fill(mask == 0, -100)[:, 1:], (0, 1), value=-100)
+        token_loss = torch.nn.functional.cross_entropy(
+            logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        ).view(targets.shape)
+        (token_loss.sum(1) / (targets != -100).sum(1)).sum().backward()
+        grads = [p.grad[0].clone() for p in trainer.bank.lora_parameters()]
+        for p in trainer.bank.lora_parameters():
+            p.grad = None
+        return grads
+
+    alone = gradient(short[None], torch.ones_like(short)[None], [0])
+    ids = torch.full((2, long.numel()), trainer._pad)
+    mask = torch.zeros_like(ids)
+    ids[0, : short.numel()], mask[0, : short.numel()] = short, 1
+    ids[1], mask[1] = long, 1
+    batched = gradient(ids, mask, [0, 1])
+    assert max(float((b - a).norm() / a.norm()) for a, b in zip(alone, batched, strict=True)) <= 1e-4
+
+    adapters_alone = train_alone(trainer)
     together, batch_sizes = train_together(trainer)
     assert max(batch_sizes) >= 3, batch_sizes
-    for name in alone:
-        assert max_relative_difference(together[name], alone[name]) <= 1e-4, name
+    for name in adapters_alone:
+        assert frobenius_relative_difference(together[name], adapters_alone[name]) <= 1e-2, name

@@ -3,8 +3,6 @@ index, and two real clients (the official `openai` client and langchain-openai's
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 
 import httpx
@@ -15,6 +13,7 @@ import torch
 from selection.corpus import chunk_documents, read_corpus
 from selection.index import CorpusIndex, tokenizer_fingerprint
 from serving.config import Settings
+from tests.conftest import running_app
 
 pytestmark = pytest.mark.slow
 
@@ -24,21 +23,8 @@ PLAIN = {"adaptation": {"enabled": False}}
 TRAINER = {"max_steps": 2, "max_train_tokens": 64}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, small_corpus, minilm, tokenizer):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    import ray
-    from ray import serve
-
-    from serving.deployments import build
-
     index_dir = tmp_path_factory.mktemp("e2e") / "index"
     CorpusIndex.build(
         chunk_documents(read_corpus(small_corpus), tokenizer, 128),
@@ -51,24 +37,16 @@ def served(tmp_path_factory, small_corpus, minilm, tokenizer):
         progress=False,
     ).close()
     adapters = tmp_path_factory.mktemp("adapters")
-    port = free_port()
     settings = Settings.model_validate(
         {
             "index_path": str(index_dir),
             "selection": {"candidates": 30},
             "trainer": {**TRAINER, "adapter_dir": str(adapters)},
             "generator": {"max_model_len": 1024, "default_max_tokens": 8},
-            "server": {"port": port},
         }
     )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build(settings), name="sift-serve", route_prefix="/")
-        yield f"http://127.0.0.1:{port}", adapters, index_dir
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with running_app(settings) as url:
+        yield url, adapters, index_dir
 
 
 @pytest.fixture()

@@ -4,14 +4,12 @@ each gets its adapter. Tiny random Llama and the transformers engine, so only Ra
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 
 import openai
 import pytest
 
 from serving.config import Settings
-from tests.conftest import tiny_llama_dir
+from tests.conftest import running_app, tiny_llama_dir
 
 pytestmark = pytest.mark.slow
 
@@ -20,16 +18,6 @@ MODEL = "tiny-llama"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, small_index):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    import ray
-    from ray import serve
-
-    from serving.deployments import build
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     settings = Settings.model_validate(
         {
             "models": {"base_model": str(tiny_llama_dir(tmp_path_factory.mktemp("tiny") / MODEL))},
@@ -37,17 +25,11 @@ def served(tmp_path_factory, small_index):
             "selection": {"candidates": 20},
             "trainer": {"max_steps": 3, "max_train_tokens": 32, "max_batch": 2},
             "generator": {"engine": "transformers", "max_model_len": 256, "default_max_tokens": 4},
-            "server": {"port": port, "trainer": {"num_cpus": 0.25, "replicas": 2}},
+            "server": {"trainer": {"num_cpus": 0.25, "replicas": 2}},
         }
     )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build(settings), name="sift-serve", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with running_app(settings) as url:
+        yield url
 
 
 async def test_two_trainer_replicas_serve_concurrent_adapted_requests(served):
