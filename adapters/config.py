@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -28,7 +27,6 @@ class TrainerConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on a GPU that supports it, else float32"
     )
-    adapter_dir: Path | None = Field(None, description="where adapters are written (default: tmpfs if present)")
     max_batch: int = Field(4, gt=0, le=256, description="requests trained together in one forward/backward")
     max_waiting: int = Field(64, gt=0, description="requests that may wait for a slot before refusal")
     seed: int = 0

@@ -1,8 +1,10 @@
-"""Adapter directories and their lifecycle: unique per request, on tmpfs, deleted on release.
+"""Adapters in transit and on disk: `AdapterBlob` (a PEFT adapter as bytes, what the Trainer hands over,
+through Ray's object store when Trainer and Generator are on different nodes) and `AdapterHandle` (the
+same adapter written to a directory on the node that loads it, deleted on release).
 
-Every adapter lives in `<root>/<pid>-<uuid>/`. The `AdapterHandle` owns it and deletes it on
-`release()` (idempotent; also as a context manager). Directories of processes that died without
-releasing are removed by `cleanup_stale` at start-up, and a process removes what it still owns at exit.
+Directories are `<root>/<host>__<pid>__<uuid>/` on tmpfs by default. The host in the name means a root on
+a shared volume is safe: `cleanup_stale` removes only directories of this host whose process is gone, and a
+process removes what it still owns at exit.
 """
 
 from __future__ import annotations
@@ -12,14 +14,20 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from safetensors.torch import load, save
+
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^(\d+)-[0-9a-f]{32}$")
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+_NAME = re.compile(r"^(?P<host>[A-Za-z0-9.-]+)__(?P<pid>\d+)__[0-9a-f]{32}$")
 _owned: set[Path] = set()
 
 
@@ -35,6 +43,11 @@ def adapter_root(configured: Path | None = None) -> Path:
     return root
 
 
+def _host() -> str:
+    """This host's name as it appears in directory names (characters a hostname may hold)."""
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "localhost"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -46,11 +59,11 @@ def _alive(pid: int) -> bool:
 
 
 def cleanup_stale(root: Path) -> int:
-    """Delete adapter directories left behind by processes that no longer exist; returns how many."""
-    removed = 0
+    """Delete this host's adapter directories whose process no longer exists; returns how many."""
+    removed, host = 0, _host()
     for entry in Path(root).iterdir():
         match = _NAME.match(entry.name)
-        if match and entry.is_dir() and not _alive(int(match.group(1))):
+        if match and match["host"] == host and entry.is_dir() and not _alive(int(match["pid"])):
             shutil.rmtree(entry, ignore_errors=True)
             removed += 1
     if removed:
@@ -60,7 +73,7 @@ def cleanup_stale(root: Path) -> int:
 
 def new_adapter_dir(root: Path) -> Path:
     """A fresh, uniquely named directory for one adapter, owned by this process until released."""
-    path = Path(root) / f"{os.getpid()}-{uuid.uuid4().hex}"
+    path = Path(root) / f"{_host()}__{os.getpid()}__{uuid.uuid4().hex}"
     path.mkdir()
     _owned.add(path)
     return path
@@ -86,7 +99,7 @@ class AdapterHandle:
     released: bool = False
 
     def release(self) -> None:
-        """Delete the directory (safe to call twice, from any process on this machine)."""
+        """Delete the directory (safe to call twice)."""
         if not self.released:
             remove_adapter_dir(self.path)
             self.released = True
@@ -96,3 +109,33 @@ class AdapterHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@dataclass(frozen=True)
+class AdapterBlob:
+    """A PEFT adapter as bytes: what `adapter_config.json` and `adapter_model.safetensors` would hold."""
+
+    config_json: str
+    weights: bytes
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor], config_json: str) -> AdapterBlob:
+        return cls(config_json=config_json, weights=save(tensors, metadata={"format": "pt"}))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return load(self.weights)
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.weights) + len(self.config_json)
+
+    def write(self, root: Path) -> AdapterHandle:
+        """The adapter as a PEFT directory under `root` on this node; the handle owns (and deletes) it."""
+        path = new_adapter_dir(root)
+        try:
+            (path / WEIGHTS_FILE).write_bytes(self.weights)
+            (path / CONFIG_FILE).write_text(self.config_json)
+        except BaseException:
+            remove_adapter_dir(path)
+            raise
+        return AdapterHandle(name=path.name, path=path)

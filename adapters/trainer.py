@@ -15,7 +15,7 @@ Per request: one step per picked document in pick order (a repeated pick is anot
 loss on the document truncated to `max_train_tokens`. Which documents, and so the adaptive stopping
 rule, is selection's decision; the trainer stops early only for `max_steps`, the time budget or
 cancellation. The base weights are frozen and never written; the adapter is exported as a PEFT
-directory on tmpfs.
+adapter in bytes (`AdapterBlob`): the trainer writes nothing to disk.
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.config import TrainerConfig
-from adapters.handle import AdapterHandle, adapter_root, cleanup_stale, new_adapter_dir, remove_adapter_dir
+from adapters.handle import AdapterBlob
 from adapters.lora_bank import LoRABank
 from adapters.slot_adamw import SlotAdamW
 from selection.stopping import StopReason
@@ -91,7 +90,7 @@ class TrainStep:
 class TrainResult:
     """The adapter (None when no step was taken or the request was cancelled) and what it cost."""
 
-    adapter: AdapterHandle | None
+    adapter: AdapterBlob | None
     steps: int
     stop_reason: StopReason
     """The request's `documents_end` when every document was trained on, else max_steps, time_budget
@@ -162,8 +161,6 @@ class Trainer:
             base_model_name_or_path=str(self.model_dir),
         )
         self._adapter_config_json = json.dumps(lora.to_dict(), indent=2, sort_keys=True, default=list)
-        self.root = adapter_root(cfg.adapter_dir)
-        cleanup_stale(self.root)
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._cond = threading.Condition()
         self._waiting: deque[_Job] = deque()
@@ -215,27 +212,19 @@ class Trainer:
         assert job.result is not None
         return job.result
 
-    def export(self, slot: int) -> AdapterHandle:
-        """Write slot `slot` as a PEFT directory under the adapter root; the handle owns it."""
-        path = new_adapter_dir(self.root)
-        try:
-            # What PeftModel.save_pretrained writes, without its model card and state-dict walk.
-            save_file(self.bank.tensors(slot), path / "adapter_model.safetensors", metadata={"format": "pt"})
-            (path / "adapter_config.json").write_text(self._adapter_config_json)
-        except BaseException:
-            remove_adapter_dir(path)
-            raise
-        return AdapterHandle(name=path.name, path=path)
+    def export(self, slot: int) -> AdapterBlob:
+        """Slot `slot` as a PEFT adapter in bytes (what PeftModel.save_pretrained would write)."""
+        return AdapterBlob.of(self.bank.tensors(slot), self._adapter_config_json)
 
     @contextlib.contextmanager
-    def adapted(self, adapter: AdapterHandle | None) -> Iterator[torch.nn.Module]:
+    def adapted(self, adapter: AdapterBlob | None) -> Iterator[torch.nn.Module]:
         """The model with a saved adapter (or none: the base model) for one sequence at a time, for scoring.
         Use it while no request is training, or from a `progress` callback."""
         if adapter is None:
             with self.bank.use(None):
                 yield self.model
             return
-        self.bank.load(self._scratch, load_file(str(Path(adapter.path) / "adapter_model.safetensors")))
+        self.bank.load(self._scratch, adapter.tensors())
         with self.bank.use([self._scratch]):
             yield self.model
 
@@ -248,7 +237,7 @@ class Trainer:
             yield self.model
 
     @torch.no_grad()
-    def loss(self, text: str, adapter: AdapterHandle | None = None, max_tokens: int | None = None) -> float:
+    def loss(self, text: str, adapter: AdapterBlob | None = None, max_tokens: int | None = None) -> float:
         """Mean next-token loss of `text` under a saved adapter (or the base model alone)."""
         ids = self._tokens(text, max_tokens or self.config.max_train_tokens)
         with self.adapted(adapter) as model:

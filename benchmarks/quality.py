@@ -172,8 +172,6 @@ class Evaluator:
         final = curve.get(str(result.steps))
         if final is None:
             final = self.score(prompt, self.trainer.adapted(result.adapter)) if result.adapter else base
-        if result.adapter is not None:
-            result.adapter.release()
         return {
             "steps": result.steps,
             "curve": curve,

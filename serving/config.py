@@ -34,6 +34,9 @@ class GeneratorConfig(Strict):
     kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.8, gt=0, le=1)
     default_max_tokens: int = Field(64, ge=1, description="max_tokens for chat requests that set none")
+    adapter_dir: Path | None = Field(
+        None, description="where this node writes the adapters it loads (default: tmpfs, /dev/shm, if present)"
+    )
 
     @model_validator(mode="after")
     def _cpu_loras(self) -> GeneratorConfig:

@@ -3,9 +3,9 @@
 `plan_adaptation` turns a request's `adaptation` object into an `AdaptationPlan` within the operator's
 limits (or a 400 naming the limit). `Pipeline.run` then yields `Selected`, `TrainStep`s, one `Adapted`
 (the report so far, when generation is about to start) and the generator's `Chunk`s, filling the job's
-`AdaptationReport` as it goes. The trainer owns the adapter until it hands it over; from then on the
-generator removes it from the engine and this pipeline deletes its directory when the request ends,
-whatever ends it (answer, error, disconnect before or during generation).
+`AdaptationReport` as it goes. The trainer hands the adapter over as bytes (through Ray's object store
+when they are on different nodes); the generator writes it on its own node, loads it, and removes it from
+the engine and the disk whatever ends the request (answer, error, disconnect before or during generation).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from adapters.handle import AdapterHandle
+from adapters.handle import AdapterBlob
 from adapters.trainer import TrainerBusyError, TrainRequest, TrainResult, TrainStep
 from selection.selector import SelectionResult
 from selection.stopping import StopReason
@@ -117,26 +117,21 @@ Event = Selected | TrainStep | Adapted | Chunk
 
 
 class _Lease:
-    """This request's hold on its adapter, and the live-adapter gauge (up once when the adapter arrives,
-    down once when the request is over).
-
-    Handing the adapter to the generator does not end the hold: a generator call that is cancelled
-    before it starts never runs its own cleanup, so the pipeline deletes the directory too when the
-    request ends. Deleting is idempotent, and by then the generator is done with it.
-    """
+    """The live-adapter gauge for one request: up once when its adapter arrives from the trainer, down once
+    when the request is over. The adapter itself is bytes until the generator writes it on its own node, and
+    the generator deletes what it wrote whatever happens, so nothing on disk depends on this request's end."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self.adapter: AdapterHandle | None = None
+        self.adapter: AdapterBlob | None = None
 
-    def take(self, adapter: AdapterHandle | None) -> None:
+    def take(self, adapter: AdapterBlob | None) -> None:
         self.adapter = adapter
         if adapter is not None:
             self.metrics.adapters_live.inc()
 
     def close(self) -> None:
         if self.adapter is not None:
-            self.adapter.release()
             self.adapter = None
             self.metrics.adapters_live.dec()
 

@@ -16,7 +16,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.handle import AdapterHandle
+from adapters.handle import AdapterBlob
 from adapters.trainer import Trainer, TrainRequest, TrainResult, TrainStep
 from infra.models import resolve_model
 from selection.build import default_index_dir
@@ -125,11 +125,8 @@ def _settle(future: asyncio.Future, outcome: object) -> None:
 
 
 class TrainerService:
-    """Test-time training as a stream: a `TrainStep` after each step, then the `TrainResult`.
-
-    Closing the stream early (a client disconnect cancels it) stops training within one step, and an
-    adapter that was made but not handed over is deleted.
-    """
+    """Test-time training as a stream: a `TrainStep` after each step, then the `TrainResult` (the adapter
+    as bytes)."""
 
     def __init__(self, settings: Settings) -> None:
         self.trainer = Trainer(model_dir(settings), settings.trainer)
@@ -138,6 +135,7 @@ class TrainerService:
         return "ready"
 
     async def train(self, request: TrainRequest) -> AsyncIterator[TrainStep | TrainResult]:
+        """Closing the stream early (a client disconnect) cancels the training within one step."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TrainStep | None] = asyncio.Queue()
         cancel = threading.Event()
@@ -155,20 +153,15 @@ class TrainerService:
 
         thread = threading.Thread(target=work, name=f"train-{request.request_id}", daemon=True)
         thread.start()
-        delivered = False
         try:
             while (step := await queue.get()) is not None:
                 yield step
             if isinstance(outcome[0], BaseException):
                 raise outcome[0]
             yield outcome[0]
-            delivered = True
         finally:
             cancel.set()
             await asyncio.to_thread(thread.join)
-            result = outcome[0] if outcome else None
-            if not delivered and isinstance(result, TrainResult) and result.adapter is not None:
-                result.adapter.release()
 
 
 class GeneratorService:
@@ -188,7 +181,7 @@ class GeneratorService:
         await self.generator.check_health()
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], sampling: Sampling, adapter: AdapterHandle | None
+        self, request_id: str, prompt_ids: list[int], sampling: Sampling, adapter: AdapterBlob | None
     ) -> AsyncIterator[Chunk]:
         async with aclosing(self.generator.generate(request_id, prompt_ids, sampling, adapter)) as chunks:
             async for chunk in chunks:

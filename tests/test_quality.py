@@ -33,9 +33,7 @@ def setup(tmp_path_factory, small_index, minilm):
     tiny = tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "llama")
     trainer = Trainer(
         tiny,
-        TrainerConfig(
-            max_steps=3, max_train_tokens=32, time_budget_s=None, adapter_dir=tmp_path_factory.mktemp("adapters")
-        ),
+        TrainerConfig(max_steps=3, max_train_tokens=32, time_budget_s=None),
     )
     heldout = tmp_path_factory.mktemp("corpus") / "heldout.jsonl"
     docs = [("code", "shlex.py"), ("code", "glob.py"), ("code", "heapq.py"), ("docs", "fnmatch.py")]

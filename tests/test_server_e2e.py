@@ -41,8 +41,8 @@ def served(tmp_path_factory, small_corpus, minilm, tokenizer):
         {
             "index_path": str(index_dir),
             "selection": {"candidates": 30},
-            "trainer": {**TRAINER, "adapter_dir": str(adapters)},
-            "generator": {"max_model_len": 1024, "default_max_tokens": 8},
+            "trainer": TRAINER,
+            "generator": {"max_model_len": 1024, "default_max_tokens": 8, "adapter_dir": str(adapters)},
         }
     )
     with running_app(settings) as url:
@@ -188,15 +188,14 @@ def test_the_answer_comes_from_the_adapter(client, served, default_model_dir, mi
     index = CorpusIndex.load(served[2], minilm)
     picked = Selector(index, minilm).select([text], 2, candidates=30)[0]
     assert [d.id for d in picked.documents] == [d["id"] for d in report["documents"]]
-    trainer = Trainer(default_model_dir, TrainerConfig(**TRAINER, adapter_dir=tmp_path))
+    trainer = Trainer(default_model_dir, TrainerConfig(**TRAINER))
     result = trainer.train(TrainRequest(documents=[d.text for d in picked.documents]))
     ids = trainer.tokenizer(text).input_ids
-    model = PeftModel.from_pretrained(
-        trainer.base_model.__class__.from_pretrained(default_model_dir), result.adapter.path
-    )
+    files = result.adapter.write(tmp_path)
+    model = PeftModel.from_pretrained(trainer.base_model.__class__.from_pretrained(default_model_dir), files.path)
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
-    result.adapter.release()
+    files.release()
     index.close()
     expected = [float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)]
     assert adapted == pytest.approx(expected, abs=5e-3)

@@ -34,9 +34,13 @@ def settings(tmp_path_factory, small_index) -> Settings:
                 "max_steps": 2,
                 "max_train_tokens": 32,
                 "learning_rate": 1e-3,
+            },
+            "generator": {
+                "engine": "transformers",
+                "max_model_len": 256,
+                "default_max_tokens": 8,
                 "adapter_dir": str(tmp_path_factory.mktemp("adapters")),
             },
-            "generator": {"engine": "transformers", "max_model_len": 256, "default_max_tokens": 8},
             "server": {"limits": {"max_steps": 8, "candidates": 50}},
         }
     )
@@ -70,7 +74,7 @@ async def raw(app):
 
 
 def adapters_left(server) -> list:
-    return list(server.settings.trainer.adapter_dir.iterdir())
+    return list(server.settings.generator.adapter_dir.iterdir())
 
 
 def gauge(server) -> float:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from adapters.config import TrainerConfig
-from adapters.handle import cleanup_stale
+from adapters.handle import AdapterBlob, cleanup_stale
 from adapters.trainer import Trainer, TrainerBusyError, TrainRequest
 from selection.stopping import StopReason
 from tests.conftest import STDLIB, tiny_llama_dir
@@ -28,14 +28,8 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture()
-def adapter_root(tmp_path):
-    return tmp_path / "adapters"
-
-
-@pytest.fixture()
-def trainer(tiny_dir, adapter_root):
-    config = TrainerConfig(learning_rate=1e-2, max_steps=8, max_train_tokens=64, adapter_dir=adapter_root)
-    return Trainer(tiny_dir, config)
+def trainer(tiny_dir):
+    return Trainer(tiny_dir, TrainerConfig(learning_rate=1e-2, max_steps=8, max_train_tokens=64))
 
 
 def base_snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -61,90 +55,92 @@ def test_training_lowers_the_loss_on_the_document(trainer):
     assert trainer.loss(TEXT, result.adapter) < before - 0.05
     assert result.losses[-1] < result.losses[0]
     assert result.tokens == 5 * 64 and result.train_seconds > 0 and result.export_seconds > 0
-    result.adapter.release()
 
 
-def test_saved_adapter_reproduces_the_in_memory_model(trainer, tiny_dir):
+def test_saved_adapter_reproduces_the_in_memory_model(trainer, tiny_dir, tmp_path):
     result = trainer.train(TrainRequest(documents=[TEXT, OTHER, TEXT]))
-    files = sorted(p.name for p in result.adapter.path.iterdir())
+    handle = result.adapter.write(tmp_path)
+    files = sorted(p.name for p in handle.path.iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]
-    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), result.adapter.path).eval()
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), handle.path).eval()
     assert loaded.peft_config["default"].base_model_name_or_path == str(tiny_dir)
     ids = trainer.tokenizer(OTHER[:200], return_tensors="pt").input_ids
     with torch.no_grad(), trainer.adapted(result.adapter) as model:
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
-    result.adapter.release()
-    assert not result.adapter.path.exists()
+    handle.release()
+    assert not handle.path.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_base_weights_stay_bit_identical(trainer):
     before = base_snapshot(trainer)
     for request in (TrainRequest(documents=[TEXT] * 3), TrainRequest(documents=[OTHER], learning_rate=0.5)):
-        trainer.train(request).adapter.release()
+        trainer.train(request)
     trainer.train(TrainRequest(documents=[TEXT] * 3), *cancel_after(2))
     after = base_snapshot(trainer)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_requests_never_see_each_others_adapter_or_optimizer(trainer, tiny_dir, adapter_root, tmp_path):
-    trainer.train(TrainRequest(documents=[OTHER] * 4, learning_rate=0.05)).adapter.release()
+def test_requests_never_see_each_others_adapter_or_optimizer(trainer, tiny_dir):
+    trainer.train(TrainRequest(documents=[OTHER] * 4, learning_rate=0.05))
     second = trainer.train(TrainRequest(documents=[TEXT] * 2))
-    fresh = Trainer(tiny_dir, trainer.config.model_copy(update={"adapter_dir": tmp_path / "fresh"}))
+    fresh = Trainer(tiny_dir, trainer.config)
     alone = fresh.train(TrainRequest(documents=[TEXT] * 2))
-    a = load_file(second.adapter.path / "adapter_model.safetensors")
-    b = load_file(alone.adapter.path / "adapter_model.safetensors")
+    a, b = second.adapter.tensors(), alone.adapter.tensors()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert second.losses == alone.losses
-    second.adapter.release()
-    alone.adapter.release()
 
 
 def test_stopping_rules(trainer):
     docs = [TEXT, OTHER, TEXT, OTHER, TEXT]
     capped = trainer.train(TrainRequest(documents=docs, max_steps=2))
     assert (capped.steps, capped.stop_reason) == (2, "max_steps")
-    capped.adapter.release()
     # Every document trained on: the reason is why selection ended the list (here, adaptive SIFT).
     adaptive = trainer.train(TrainRequest(documents=docs[:2], documents_end=StopReason.ALPHA))
     assert (adaptive.steps, adaptive.stop_reason) == (2, "alpha")
-    adaptive.adapter.release()
     budget = trainer.train(TrainRequest(documents=docs * 4, time_budget_s=1e-6))
     assert (budget.steps, budget.stop_reason) == (1, "time_budget")
-    budget.adapter.release()
     zero = trainer.train(TrainRequest(documents=docs, max_steps=0))
     assert (zero.steps, zero.stop_reason, zero.adapter) == (0, "max_steps", None)
     empty = trainer.train(TrainRequest(documents=[]))
     assert (empty.steps, empty.adapter) == (0, None)
 
 
-def test_cancellation_stops_within_a_step_and_leaves_nothing(trainer, adapter_root):
+def test_cancellation_stops_within_a_step_and_leaves_nothing(trainer):
     result = trainer.train(TrainRequest(documents=[TEXT] * 6), *cancel_after(2))
     assert (result.steps, result.stop_reason, result.adapter) == (2, "cancelled", None)
     before = threading.Event()
     before.set()
     assert trainer.train(TrainRequest(documents=[TEXT]), cancel=before).steps == 0
-    assert list(adapter_root.iterdir()) == []
 
 
-def test_failures_leave_no_directory(trainer, adapter_root, monkeypatch):
-    import adapters.trainer as module
+def test_a_failed_export_fails_its_request_and_the_trainer_goes_on(trainer, monkeypatch):
+    import adapters.handle as module
 
     def broken(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError("out of memory")
 
-    monkeypatch.setattr(module, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(module, "save", broken)
+    with pytest.raises(OSError, match="out of memory"):
         trainer.train(TrainRequest(documents=[TEXT]))
-    assert list(adapter_root.iterdir()) == []
     monkeypatch.undo()
-    with trainer.train(TrainRequest(documents=[TEXT])).adapter as handle:
-        assert handle.path.is_dir()
-    assert list(adapter_root.iterdir()) == []
+    assert trainer.train(TrainRequest(documents=[TEXT])).adapter is not None
 
 
-def test_requests_queue_for_a_slot_and_report_their_wait(tiny_dir, adapter_root):
-    trainer = Trainer(tiny_dir, TrainerConfig(max_batch=1, max_steps=8, adapter_dir=adapter_root))
+def test_adapter_files_on_a_shared_root_stay_per_host(trainer, tmp_path):
+    blob = trainer.train(TrainRequest(documents=[TEXT])).adapter
+    with blob.write(tmp_path) as handle:
+        host, pid, _ = handle.name.split("__")
+        assert host == socket.gethostname().replace("_", "-") and int(pid) == os.getpid()
+        assert sorted(p.name for p in handle.path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(TypeError):
+        AdapterBlob(config_json=None, weights=b"x").write(tmp_path)  # a failed write leaves no directory
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_requests_queue_for_a_slot_and_report_their_wait(tiny_dir):
+    trainer = Trainer(tiny_dir, TrainerConfig(max_batch=1, max_steps=8))
     results, first_started = {}, threading.Event()
 
     def run(name: str, progress=None) -> None:
@@ -157,12 +153,10 @@ def test_requests_queue_for_a_slot_and_report_their_wait(tiny_dir, adapter_root)
     first.join()
     assert results["second"].queue_seconds > 0.01
     assert results["first"].losses == results["second"].losses
-    for r in results.values():
-        r.adapter.release()
 
 
-def test_a_full_queue_is_refused(tiny_dir, adapter_root):
-    trainer = Trainer(tiny_dir, TrainerConfig(max_batch=1, max_waiting=1, max_steps=1000, adapter_dir=adapter_root))
+def test_a_full_queue_is_refused(tiny_dir):
+    trainer = Trainer(tiny_dir, TrainerConfig(max_batch=1, max_waiting=1, max_steps=1000))
     running, stop = threading.Event(), threading.Event()
     long = TrainRequest(documents=[TEXT] * 1000, time_budget_s=None)
     holder = threading.Thread(target=lambda: trainer.train(long, stop, lambda step: running.set()))
@@ -177,17 +171,19 @@ def test_a_full_queue_is_refused(tiny_dir, adapter_root):
     stop.set()
     holder.join()
     waiter.join()
-    assert len(trainer._waiting) == 0 and list(adapter_root.iterdir()) == []
+    assert len(trainer._waiting) == 0 and trainer._free == [0]
 
 
 def test_stale_directories_of_dead_processes_are_removed(tmp_path):
-    dead = tmp_path / f"{2**22 + 12345}-{'a' * 32}"
-    mine = tmp_path / f"{os.getpid()}-{'b' * 32}"
+    host = socket.gethostname().replace("_", "-")
+    dead = tmp_path / f"{host}__{2**22 + 12345}__{'a' * 32}"
+    mine = tmp_path / f"{host}__{os.getpid()}__{'b' * 32}"
+    other_host = tmp_path / f"elsewhere.example__{2**22 + 12345}__{'c' * 32}"  # a shared volume: not ours
     other = tmp_path / "not-an-adapter"
-    for d in (dead, mine, other):
+    for d in (dead, mine, other_host, other):
         d.mkdir()
     assert cleanup_stale(tmp_path) == 1
-    assert not dead.exists() and mine.exists() and other.exists()
+    assert not dead.exists() and mine.exists() and other_host.exists() and other.exists()
 
 
 @pytest.mark.parametrize(

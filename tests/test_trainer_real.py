@@ -24,7 +24,7 @@ def trained(default_model_dir, tmp_path_factory):
     """The Zen's adapter, trained in one batch with a batch-mate on another text."""
     trainer = Trainer(
         default_model_dir,
-        TrainerConfig(learning_rate=2e-3, max_train_tokens=128, adapter_dir=tmp_path_factory.mktemp("adapters")),
+        TrainerConfig(learning_rate=2e-3, max_train_tokens=128),
     )
     before = trainer.loss(TEXT, max_tokens=128)
     mate: dict = {}
@@ -32,13 +32,12 @@ def trained(default_model_dir, tmp_path_factory):
     other.start()
     result = trainer.train(TrainRequest(documents=[TEXT] * 4))
     other.join()
-    mate["r"].adapter.release()
-    yield trainer, result, before
-    result.adapter.release()
+    with result.adapter.write(tmp_path_factory.mktemp("adapters")) as files:
+        yield trainer, result, before, files
 
 
 def test_a_few_steps_lower_the_loss_of_real_text(trained):
-    trainer, result, before = trained
+    trainer, result, before, _ = trained
     assert result.steps == 4
     after = trainer.loss(TEXT, result.adapter, max_tokens=128)
     assert after < before - 0.5, (before, after)
@@ -63,8 +62,8 @@ def test_adapter_loads_in_vllm_and_changes_greedy_output_like_peft(trained, defa
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    _, result, _ = trained
-    hf_base, hf_lora = greedy_hf(default_model_dir), greedy_hf(default_model_dir, result.adapter.path)
+    _, _, _, files = trained
+    hf_base, hf_lora = greedy_hf(default_model_dir), greedy_hf(default_model_dir, files.path)
     assert hf_base != hf_lora
     llm = LLM(
         model=str(default_model_dir),
@@ -78,7 +77,7 @@ def test_adapter_loads_in_vllm_and_changes_greedy_output_like_peft(trained, defa
     try:
         params = SamplingParams(max_tokens=16, temperature=0)
         base = llm.generate([PROMPT], params)[0].outputs[0].token_ids
-        lora = LoRARequest(result.adapter.name, 1, str(result.adapter.path))
+        lora = LoRARequest(files.name, 1, str(files.path))
         adapted = llm.generate([PROMPT], params, lora_request=lora)[0].outputs[0].token_ids
     finally:
         del llm

@@ -17,11 +17,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]  # one
 
 
 @pytest.fixture(scope="module")
-def engine(default_model_dir):
+def engine(default_model_dir, tmp_path_factory):
     from serving.engines.vllm_engine import VLLMGenerator
 
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    generator = VLLMGenerator(default_model_dir, GeneratorConfig(max_model_len=512, max_loras=1), adapter_rank=12)
+    config = GeneratorConfig(max_model_len=512, max_loras=1, adapter_dir=tmp_path_factory.mktemp("adapters"))
+    generator = VLLMGenerator(default_model_dir, config, adapter_rank=12)
     started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     yield generator, started
     generator.shutdown()
@@ -29,9 +30,7 @@ def engine(default_model_dir):
 
 @pytest.fixture(scope="module")
 def trainer(default_model_dir, tmp_path_factory):
-    return Trainer(
-        default_model_dir, TrainerConfig(max_steps=1, max_train_tokens=32, adapter_dir=tmp_path_factory.mktemp("a"))
-    )
+    return Trainer(default_model_dir, TrainerConfig(max_steps=1, max_train_tokens=32))
 
 
 async def generate(generator, adapter) -> str:
@@ -48,7 +47,7 @@ async def test_a_failing_remove_lora_still_deletes_the_directory(engine, trainer
 
     monkeypatch.setattr(generator.engine, "remove_lora", refuses)
     assert await generate(generator, adapter)
-    assert not adapter.path.exists()
+    assert list(generator.adapter_root.iterdir()) == []
 
 
 async def test_a_dead_engine_reports_unhealthy(engine):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
-from adapters.handle import AdapterHandle
+from adapters.handle import AdapterBlob, adapter_root, cleanup_stale
 from serving.config import GeneratorConfig
 
 TokenLogprobs = dict[int, float]
@@ -84,12 +84,13 @@ class Chunk:
 
 class Generator(Protocol):
     """An engine: streams the chunks of `sampling.n` choices for a tokenised prompt, with the request's
-    adapter when given, and releases that adapter (engine and disk) whatever happens."""
+    adapter when given: written to this node's adapter root, loaded, and removed from the engine and the
+    disk whatever happens."""
 
     max_model_len: int
 
     def generate(
-        self, request_id: str, prompt_ids: list[int], sampling: Sampling, adapter: AdapterHandle | None
+        self, request_id: str, prompt_ids: list[int], sampling: Sampling, adapter: AdapterBlob | None
     ) -> AsyncIterator[Chunk]: ...
 
     async def loaded_adapters(self) -> int:
@@ -109,3 +110,10 @@ def context_length(model_dir: Path, config: GeneratorConfig) -> int:
 
     model_config = AutoConfig.from_pretrained(model_dir)
     return min(config.max_model_len, getattr(model_config, "max_position_embeddings", config.max_model_len))
+
+
+def local_adapter_root(config: GeneratorConfig) -> Path:
+    """This node's adapter directory, cleared of what dead processes of this host left behind."""
+    root = adapter_root(config.adapter_dir)
+    cleanup_stale(root)
+    return root

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from adapters.handle import AdapterHandle
+from adapters.handle import AdapterBlob
 from serving.config import GeneratorConfig
-from serving.engines.base import Chunk, Sampling, TokenLogprobs, context_length
+from serving.engines.base import Chunk, Sampling, TokenLogprobs, context_length, local_adapter_root
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class TransformersGenerator:
         self.max_model_len = context_length(model_dir, config)
         self._lock = threading.Lock()
         self._live = 0
+        self.adapter_root = local_adapter_root(config)
 
     async def loaded_adapters(self) -> int:
         return self._live
@@ -82,7 +83,7 @@ class TransformersGenerator:
         return None  # in-process: if the model is gone, so is the replica
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], sampling: Sampling, adapter: AdapterHandle | None
+        self, request_id: str, prompt_ids: list[int], sampling: Sampling, adapter: AdapterBlob | None
     ) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -109,27 +110,28 @@ class TransformersGenerator:
         finally:
             stop.set()
             await asyncio.to_thread(thread.join)
-            if adapter is not None:
-                adapter.release()
 
     @torch.no_grad()
     def _run(self, prompt_ids, sampling: Sampling, adapter, stop: threading.Event, emit: Callable) -> None:
         with self._lock:
-            model, load_s = self.model, 0.0
-            if adapter is not None:
-                from peft import PeftModel
-
-                started = time.monotonic()
-                model = PeftModel.from_pretrained(self.model, adapter.path).eval()
-                self._live += 1
-                load_s = time.monotonic() - started
+            model, files, load_s = self.model, None, 0.0
             try:
+                if adapter is not None:
+                    from peft import PeftModel
+
+                    started = time.monotonic()
+                    files = adapter.write(self.adapter_root)
+                    model = PeftModel.from_pretrained(self.model, files.path).eval()
+                    self._live += 1
+                    load_s = time.monotonic() - started
                 for index in range(sampling.n):
                     self._decode(model, prompt_ids, sampling, index, stop, emit, load_s if index == 0 else 0.0)
             finally:
-                if adapter is not None:
+                if model is not self.model:
                     model.unload()  # removes the LoRA layers; the base weights were never changed
                     self._live -= 1
+                if files is not None:
+                    files.release()
 
     def _decode(self, model, prompt_ids, s: Sampling, index: int, stop: threading.Event, emit, load_s: float) -> None:
         ids = torch.tensor([prompt_ids], device=self.device)

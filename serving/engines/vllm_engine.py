@@ -1,8 +1,8 @@
 """`VLLMGenerator`: vLLM's AsyncLLM with a LoRA adapter per request.
 
-Per adapted request: add_lora -> generate (streamed as deltas) -> remove_lora -> delete the adapter
-directory. vLLM's own unload does not free our files, and a failing remove_lora must not leave them,
-so the directory is deleted whatever the engine says.
+Per adapted request: write the adapter's bytes to this node's tmpfs -> add_lora -> generate (streamed
+as deltas) -> remove_lora -> delete the directory. vLLM's own unload does not free our files, and a
+failing remove_lora must not leave them, so the directory is deleted whatever the engine says.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
 
-from adapters.handle import AdapterHandle
+from adapters.handle import AdapterBlob
 from serving.config import GeneratorConfig
-from serving.engines.base import Chunk, Sampling, TokenLogprobs, context_length
+from serving.engines.base import Chunk, Sampling, TokenLogprobs, context_length, local_adapter_root
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class VLLMGenerator:
         )
         self.engine = AsyncLLM.from_engine_args(args)
         self._lora_ids = itertools.count(1)
+        self.adapter_root = local_adapter_root(config)
 
     async def loaded_adapters(self) -> int:
         return len(await self.engine.list_loras())
@@ -89,18 +90,19 @@ class VLLMGenerator:
         await self.engine.check_health()
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], sampling: Sampling, adapter: AdapterHandle | None
+        self, request_id: str, prompt_ids: list[int], sampling: Sampling, adapter: AdapterBlob | None
     ) -> AsyncIterator[Chunk]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
         from vllm.sampling_params import RequestOutputKind
 
-        lora, load_s = None, 0.0
+        lora, files, load_s = None, None, 0.0
         try:
             if adapter is not None:
                 started = time.monotonic()
-                lora = LoRARequest(adapter.name, next(self._lora_ids), str(adapter.path))
+                files = adapter.write(self.adapter_root)
+                lora = LoRARequest(files.name, next(self._lora_ids), str(files.path))
                 await self.engine.add_lora(lora)
                 load_s = time.monotonic() - started
             # `Sampling` speaks SamplingParams' vocabulary, field for field.
@@ -135,8 +137,8 @@ class VLLMGenerator:
                 if lora is not None:
                     await asyncio.shield(self._remove(lora.lora_int_id))
             finally:
-                if adapter is not None:
-                    adapter.release()
+                if files is not None:
+                    files.release()
 
     async def _remove(self, lora_id: int) -> None:
         try:
