@@ -90,6 +90,15 @@ class _Format:
         """Tokens to bill as completion (usage)."""
         return output.completion_tokens
 
+    def envelope(self) -> dict:
+        """The fields every response and chunk of this request share."""
+        return {"id": self.id, "created": self.created, "model": self.model_name}
+
+    def summary(self, output: Output, prompt_tokens: int) -> dict:
+        """The fields a whole (non-streamed) response adds: usage and the adaptation report."""
+        usage = UsageInfo.of(prompt_tokens, self.completion_tokens(output))
+        return {**self.envelope(), "usage": usage, "adaptation": self.job.report}
+
 
 class ChatFormat(_Format):
     prefix = "chatcmpl"
@@ -99,8 +108,7 @@ class ChatFormat(_Format):
         self.top = (req.top_logprobs or 0) if req.logprobs else None
 
     def chunk(self, choices: list[ChatStreamChoice] | None = None, **extra) -> ChatCompletionChunk:
-        model = self.model_name
-        return ChatCompletionChunk(id=self.id, created=self.created, model=model, choices=choices or [], **extra)
+        return ChatCompletionChunk(choices=choices or [], **self.envelope(), **extra)
 
     def opening(self, report: AdaptationReport) -> ChatCompletionChunk:
         n = self.job.sampling.n
@@ -140,14 +148,7 @@ class ChatFormat(_Format):
             )
             for i, c in enumerate(output.choices)
         ]
-        return ChatCompletionResponse(
-            id=self.id,
-            created=self.created,
-            model=self.model_name,
-            choices=choices,
-            usage=UsageInfo.of(prompt_tokens, self.completion_tokens(output)),
-            adaptation=self.job.report,
-        )
+        return ChatCompletionResponse(choices=choices, **self.summary(output, prompt_tokens))
 
 
 class CompletionFormat(_Format):
@@ -159,8 +160,7 @@ class CompletionFormat(_Format):
         self.scoring = req.max_tokens == 0  # echo the prompt with its logprobs, generate nothing
 
     def chunk(self, choices: list[CompletionChoice] | None = None, **extra) -> CompletionChunk:
-        model = self.model_name
-        return CompletionChunk(id=self.id, created=self.created, model=model, choices=choices or [], **extra)
+        return CompletionChunk(choices=choices or [], **self.envelope(), **extra)
 
     def opening(self, report: AdaptationReport) -> CompletionChunk:
         choices = [CompletionChoice(index=i, text="") for i in range(self.job.sampling.n)]
@@ -216,11 +216,4 @@ class CompletionFormat(_Format):
             choices.append(
                 CompletionChoice(index=i, text=self._text(c.text, True), logprobs=logprobs, finish_reason=finish)
             )
-        return CompletionResponse(
-            id=self.id,
-            created=self.created,
-            model=self.model_name,
-            choices=choices,
-            usage=UsageInfo.of(prompt_tokens, self.completion_tokens(output)),
-            adaptation=self.job.report,
-        )
+        return CompletionResponse(choices=choices, **self.summary(output, prompt_tokens))
