@@ -487,3 +487,21 @@ async def test_disconnect_during_training(live, server):
     body = {"model": MODEL, "messages": MESSAGES, "stream": True, "adaptation": {"max_steps": 8, "progress": True}}
     await hang_up_after(live, body, '"stage":"training"')
     await eventually_clean(server)
+
+
+async def test_tokenisation_does_not_block_the_event_loop(raw, server, monkeypatch):
+    import time
+
+    tokenize = server.tokenizer.apply_chat_template
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)  # a huge prompt
+        return tokenize(*args, **kwargs)
+
+    monkeypatch.setattr(server.tokenizer, "apply_chat_template", slow)
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1, "adaptation": {"enabled": False}}
+    chat = asyncio.create_task(raw.post("/v1/chat/completions", json=body))
+    await asyncio.sleep(0.2)
+    health = await raw.get("/health")
+    assert health.status_code == 200 and not chat.done()  # answered while the prompt was being tokenised
+    assert (await chat).status_code == 200
