@@ -168,7 +168,6 @@ def main() -> None:
 
     settings = Settings.load(args.config)
     settings.server.port = args.port
-    settings.server.max_pending = max(settings.server.max_pending, max(args.concurrency) * 2)
     if settings.index_path is None:
         ensure_default_index(settings.models, settings.index)
     adaptation = json.loads(args.adaptation)

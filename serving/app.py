@@ -182,24 +182,14 @@ def create_app(server: OpenAIServer, behind_serve_proxy: bool = False) -> FastAP
             request, APIError(500, "The server had an error processing your request.", "server_error")
         )
 
-    async def respond(request: Request, result) -> Response:
-        if isinstance(result, AsyncIterator):
-            count(request, 200)
-            return StreamingResponse(_guarded(server, result), media_type="text/event-stream")
-        server.leave()
-        count(request, 200)
-        return JSONResponse(result.model_dump(mode="json"))
-
     async def generate(request: Request, body: ChatCompletionRequest | CompletionRequest, route) -> Response:
         if body.ignored_fields:
             log.warning("ignoring unsupported request fields: %s", ", ".join(body.ignored_fields))
-        server.admit()
-        try:
-            result = await route(body, request.state.request_id)
-        except BaseException:
-            server.leave()
-            raise
-        return await respond(request, result)
+        result = await route(body, request.state.request_id)
+        count(request, 200)
+        if isinstance(result, AsyncIterator):
+            return StreamingResponse(_guarded(result), media_type="text/event-stream")
+        return JSONResponse(result.model_dump(mode="json"))
 
     @app.post(
         "/v1/chat/completions",
@@ -235,7 +225,7 @@ def create_app(server: OpenAIServer, behind_serve_proxy: bool = False) -> FastAP
     return app
 
 
-async def _guarded(server: OpenAIServer, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _guarded(stream: AsyncIterator[str]) -> AsyncIterator[str]:
     """SSE lines; an error after the first byte becomes an OpenAI-shaped error event, then [DONE]."""
     try:
         async for line in stream:
@@ -249,5 +239,4 @@ async def _guarded(server: OpenAIServer, stream: AsyncIterator[str]) -> AsyncIte
         yield f"data: {error.response().model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        server.leave()
         await stream.aclose()  # type: ignore[attr-defined]

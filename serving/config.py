@@ -51,7 +51,10 @@ class Resources(Strict):
     num_cpus: float = Field(gt=0)
     num_gpus: float = Field(0.0, ge=0)
     replicas: int = Field(1, ge=1)
-    max_ongoing_requests: int = Field(16, ge=1)
+    max_ongoing_requests: int = Field(16, ge=1, description="requests one replica works on at once")
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="requests waiting for a replica before new ones are refused (-1: no limit)"
+    )
 
 
 class AdaptationLimits(Strict):
@@ -77,12 +80,14 @@ class ServerConfig(Strict):
     served_model_name: str | None = Field(None, description="model id clients send (default: model dir name)")
     adaptation_enabled: bool = Field(True, description="test-time training unless a request opts out")
     limits: AdaptationLimits = Field(default_factory=AdaptationLimits)
-    max_pending: int = Field(32, ge=1, description="requests in flight before new ones get 429")
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After of the 429 sent when the Ingress queue is full")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (default: none)")
     heartbeat_s: float = Field(10.0, gt=0, le=10, description="SSE comment interval while a stream is silent")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may schedule on (default: all)")
-    ingress: Resources = Field(default_factory=lambda: Resources(num_cpus=0.25, max_ongoing_requests=64))
+    ingress: Resources = Field(
+        default_factory=lambda: Resources(num_cpus=0.25, max_ongoing_requests=64, max_queued_requests=64)
+    )
     selector: Resources = Field(default_factory=lambda: Resources(num_cpus=0.25, max_ongoing_requests=64))
     trainer: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5, max_ongoing_requests=64))
     generator: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5, max_ongoing_requests=64))

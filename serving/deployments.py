@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
 from selection.build import default_index_dir
@@ -60,6 +61,7 @@ def _options(resources: Resources, name: str) -> dict[str, Any]:
         "name": name,
         "num_replicas": resources.replicas,
         "max_ongoing_requests": resources.max_ongoing_requests,
+        "max_queued_requests": resources.max_queued_requests,
         "ray_actor_options": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
     }
 
@@ -70,7 +72,11 @@ def build(settings: Settings) -> serve.Application:
     selector = serve.deployment(SelectorService).options(**_options(s.selector, "Selector")).bind(settings)
     trainer = serve.deployment(TrainerService).options(**_options(s.trainer, "Trainer")).bind(settings)
     generator = serve.deployment(GeneratorService).options(**_options(s.generator, "Generator")).bind(settings)
-    return Ingress.options(**_options(s.ingress, "Ingress")).bind(settings, selector, trainer, generator)
+    # Admission is Ray Serve's, so it holds for any number of Ingress replicas: beyond max_ongoing_requests
+    # per replica and max_queued_requests waiting, a request gets 429 with Retry-After from Serve's proxy.
+    backpressure = BackpressureConfig(status_code=429, retry_after_s=s.retry_after_s)
+    ingress = Ingress.options(**_options(s.ingress, "Ingress"), backpressure_config=backpressure)
+    return ingress.bind(settings, selector, trainer, generator)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -66,9 +66,8 @@ class OpenAIServer:
         self.created = now()
         self.metrics = Metrics()
         self.pipeline = Pipeline(selector, trainer, generator, self.metrics)
-        self._in_flight = 0
 
-    # ---- admission and small routes ----------------------------------------------------------------
+    # ---- small routes ----------------------------------------------------------------
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -78,18 +77,6 @@ class OpenAIServer:
                 param="model",
                 code="model_not_found",
             )
-
-    def admit(self) -> None:
-        if self._in_flight >= self.settings.server.max_pending:
-            raise APIError(
-                429, "The server is at capacity; retry shortly.", "rate_limit_error", code="queue_full", retry_after=1
-            )
-        self._in_flight += 1
-        self.metrics.in_flight.set(self._in_flight)
-
-    def leave(self) -> None:
-        self._in_flight -= 1
-        self.metrics.in_flight.set(self._in_flight)
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name, created=self.created)])

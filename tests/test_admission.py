@@ -1,0 +1,54 @@
+"""Admission by Ray Serve: past the Ingress's `max_ongoing_requests` and `max_queued_requests`, a request is
+refused at once with 429 and Retry-After, while the admitted ones finish. Tiny random Llama, transformers
+engine, so only Ray Serve's limits are under test."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from serving.config import Settings
+from tests.conftest import running_app, tiny_llama_dir
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, small_index):
+    settings = Settings.model_validate(
+        {
+            "models": {"base_model": str(tiny_llama_dir(tmp_path_factory.mktemp("tiny") / MODEL))},
+            "index_path": str(small_index.directory),
+            "generator": {"engine": "transformers", "max_model_len": 512},
+            "server": {"ingress": {"num_cpus": 0.25, "max_ongoing_requests": 1, "max_queued_requests": 1}},
+        }
+    )
+    with running_app(settings) as url:
+        yield url
+
+
+async def test_over_the_limits_gets_429_with_retry_after_and_the_rest_finish(served):
+    body = {
+        "model": MODEL,
+        "prompt": "import csv",
+        "max_tokens": 400,
+        "ignore_eos": True,
+        "adaptation": {"enabled": False},
+    }
+
+    async def send(client: httpx.AsyncClient) -> tuple[int, float, httpx.Headers]:
+        started = time.monotonic()
+        response = await client.post(f"{served}/v1/completions", json=body)
+        return response.status_code, time.monotonic() - started, response.headers
+
+    async with httpx.AsyncClient(timeout=120) as client:
+        outcomes = await asyncio.gather(*(send(client) for _ in range(6)))
+    statuses = sorted(status for status, _, _ in outcomes)
+    refused = [(seconds, headers) for status, seconds, headers in outcomes if status == 429]
+    assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
+    assert all(headers["retry-after"] == "1" and seconds < 1.0 for seconds, headers in refused)
