@@ -137,3 +137,12 @@ def running_app(settings) -> Iterator[str]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def tiny_app_settings(model_dir: Path, index_dir: Path, **sections):
+    """Settings for the application on a tiny random Llama with the transformers engine, plus `sections`."""
+    from serving.config import Settings
+
+    generator = {"engine": "transformers", "max_model_len": 512, **sections.pop("generator", {})}
+    base = {"models": {"base_model": str(model_dir)}, "index_path": str(index_dir), "generator": generator}
+    return Settings.model_validate({**base, **sections})

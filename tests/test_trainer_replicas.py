@@ -8,8 +8,7 @@ import asyncio
 import openai
 import pytest
 
-from serving.config import Settings
-from tests.conftest import running_app, tiny_llama_dir
+from tests.conftest import running_app, tiny_app_settings, tiny_llama_dir
 
 pytestmark = pytest.mark.slow
 
@@ -18,15 +17,13 @@ MODEL = "tiny-llama"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, small_index):
-    settings = Settings.model_validate(
-        {
-            "models": {"base_model": str(tiny_llama_dir(tmp_path_factory.mktemp("tiny") / MODEL))},
-            "index_path": str(small_index.directory),
-            "selection": {"candidates": 20},
-            "trainer": {"max_steps": 3, "max_train_tokens": 32, "max_batch": 2},
-            "generator": {"engine": "transformers", "max_model_len": 256, "default_max_tokens": 4},
-            "server": {"trainer": {"num_cpus": 0.25, "replicas": 2}},
-        }
+    settings = tiny_app_settings(
+        tiny_llama_dir(tmp_path_factory.mktemp("tiny") / MODEL),
+        small_index.directory,
+        selection={"candidates": 20},
+        trainer={"max_steps": 3, "max_train_tokens": 32, "max_batch": 2},
+        generator={"default_max_tokens": 4},
+        server={"trainer": {"num_cpus": 0.25, "replicas": 2}},
     )
     with running_app(settings) as url:
         yield url
