@@ -56,7 +56,7 @@ class LoRABank(nn.Module):
         self, model: nn.Module, target_modules: list[str], slots: int, rank: int, alpha: float, dropout: float = 0.0
     ) -> None:
         super().__init__()
-        self.rank, self.slots, self.scaling = rank, slots, alpha / rank
+        self.rank, self.scaling = rank, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.rows: torch.Tensor | None = None
         targets = [

@@ -46,14 +46,17 @@ class SlotAdamW:
         for s in slots:
             self.steps[s] += 1
 
-        def per_slot(values: list[float], dims: int) -> torch.Tensor:
-            return torch.tensor(values, dtype=self.params[0].dtype, device=device).view(-1, *([1] * dims))
+        def per_slot(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=self.params[0].dtype, device=device)
 
+        factors = (
+            per_slot([1 - self.lr[s] * self.weight_decay[s] for s in slots]),  # decay
+            per_slot([self.lr[s] / (1 - beta1 ** self.steps[s]) for s in slots]),  # step size
+            per_slot([(1 - beta2 ** self.steps[s]) ** 0.5 for s in slots]),  # sqrt of bias correction 2
+        )
         for param, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
-            dims = param.dim() - 1
-            decay = per_slot([1 - self.lr[s] * self.weight_decay[s] for s in slots], dims)
-            step_size = per_slot([self.lr[s] / (1 - beta1 ** self.steps[s]) for s in slots], dims)
-            bc2_sqrt = per_slot([(1 - beta2 ** self.steps[s]) ** 0.5 for s in slots], dims)
+            shape = (-1, *([1] * (param.dim() - 1)))
+            decay, step_size, bc2_sqrt = (f.view(shape) for f in factors)
             grad = param.grad.index_select(0, index)
             p = param.data.index_select(0, index).mul_(decay)
             m = exp_avg.index_select(0, index).lerp_(grad, 1 - beta1)

@@ -169,11 +169,6 @@ class Trainer:
         self._scratch = cfg.max_batch
         self._loop_thread: threading.Thread | None = None
 
-    @property
-    def base_model(self) -> torch.nn.Module:
-        """The frozen base model (its adapted projections add nothing outside a `bank.use` block)."""
-        return self.model
-
     # ---- the public interface ----------------------------------------------------------------------
 
     def train(

@@ -43,11 +43,11 @@ class SelectionResult:
     candidates: int
     repeats: int
 
-    def to_dict(self, with_text: bool = False) -> dict:
+    def to_dict(self) -> dict:
+        """Everything but the documents' texts (for printing)."""
         out = asdict(self)
-        if not with_text:
-            for doc in out["documents"]:
-                doc.pop("text")
+        for doc in out["documents"]:
+            doc.pop("text")
         return out
 
 

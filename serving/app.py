@@ -41,9 +41,14 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 4
 _STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
 
 
+def _error_response(error: APIError, extra_headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = {**error.headers(), **(extra_headers or {})}
+    return JSONResponse(error.response().model_dump(), status_code=error.status, headers=headers)
+
+
 async def _send_error(send: Send, error: APIError, extra_headers: dict[str, str] | None = None) -> None:
-    response = JSONResponse(error.response().model_dump(), status_code=error.status, headers=extra_headers)
-    await response({"type": "http"}, _nothing, send)
+    """An error answered from middleware, before the app runs."""
+    await _error_response(error, extra_headers)({"type": "http"}, _nothing, send)
 
 
 async def _nothing() -> Message:
@@ -163,7 +168,7 @@ def create_app(server: OpenAIServer, behind_serve_proxy: bool = False) -> FastAP
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         count(request, exc.status)
-        return JSONResponse(exc.response().model_dump(), status_code=exc.status, headers=exc.headers())
+        return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -127,12 +127,16 @@ class ChatFormat(_Format):
         )
         return self.chunk([choice], adaptation=self.job.report if output.done else None)
 
+    @staticmethod
+    def _top(piece: str, logprob: float) -> TopLogprob:
+        return TopLogprob(token=piece, logprob=logprob, bytes=list(piece.encode()))
+
     def logprobs(self, token_ids: list[int], entries: list[TokenLogprobs]) -> ChatLogprobs:
         content = []
         for token, entry in zip(token_ids, entries, strict=False):
             piece = self.piece(token)
             ranked = sorted(entry.items(), key=lambda kv: -kv[1])[: self.top]
-            top = [TopLogprob(token=self.piece(t), logprob=v, bytes=list(self.piece(t).encode())) for t, v in ranked]
+            top = [self._top(self.piece(t), v) for t, v in ranked]
             content.append(
                 ChatTokenLogprob(token=piece, logprob=entry[token], bytes=list(piece.encode()), top_logprobs=top)
             )

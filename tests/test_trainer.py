@@ -33,7 +33,7 @@ def trainer(tiny_dir):
 
 
 def base_snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in trainer.base_model.state_dict().items() if "lora_" not in k}
+    return {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" not in k}
 
 
 def cancel_after(steps: int) -> tuple[threading.Event, object]:
