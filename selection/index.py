@@ -25,13 +25,14 @@ from tqdm.auto import tqdm
 
 from selection.corpus import Chunk, CorpusError
 from selection.embed import Embedder, fingerprint
-from selection.store import DocStore
+from selection.store import DocStore, StoredChunk
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: tokenizer fingerprint in the manifest
 FLAT_LIMIT = 200_000  # "auto" switches from exact flat search to IVF beyond this many vectors
 _FINGERPRINT_MIN_COS = 0.99
+_RESCORE_MARGIN = 16  # extra rows Faiss proposes, re-ranked exactly (see `retrieve`)
 
 
 class IndexMismatchError(ValueError):
@@ -43,7 +44,7 @@ class Candidates:
     """Top-K retrieval for B queries: rows into the index, |cos| scores and vectors; -1 pads short rows."""
 
     rows: np.ndarray  # (B, K) int64
-    scores: np.ndarray  # (B, K) float32, |cos|
+    scores: np.ndarray  # (B, K) float64, |cos| computed exactly
     vectors: np.ndarray  # (B, K, d) float32
 
 
@@ -94,14 +95,34 @@ def search_abs(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndar
 
 
 def retrieve(index: faiss.Index, embeddings: np.ndarray, queries: np.ndarray, k: int) -> Candidates:
-    """Top-k by |cos| from `index`, with the candidates' vectors read from `embeddings` (row-aligned)."""
-    rows, scores = search_abs(index, queries, k)
+    """Top-k by |cos| from `index`, with the candidates' vectors read from `embeddings` (row-aligned).
+
+    Faiss proposes k + a margin of rows; their scores are then recomputed exactly (in float64, so identical
+    vectors score identically wherever they sit in the index) and equal scores go to the lower row. The
+    result therefore does not depend on how the index is laid out: whole or in shards, the same rows come
+    back in the same order (unless more than the margin of exact ties straddle the k-th place).
+    """
+    rows, _ = search_abs(index, queries, k + _RESCORE_MARGIN)
     vectors = np.zeros((*rows.shape, embeddings.shape[1]), dtype=np.float32)
     valid = rows >= 0
     flat = np.unique(rows[valid])
     lookup = np.searchsorted(flat, rows[valid])
     vectors[valid] = np.asarray(embeddings[flat])[lookup]
-    return Candidates(rows=rows, scores=scores, vectors=vectors)
+    scores = np.stack(
+        [
+            np.abs((v.astype(np.float64) * q.astype(np.float64)).sum(axis=1))
+            for v, q in zip(vectors, queries, strict=True)
+        ]
+    )
+    scores = np.where(valid, scores, -np.inf)
+    order = np.lexsort((np.where(valid, rows, np.iinfo(np.int64).max), -scores), axis=1)[:, :k]
+    rows = np.take_along_axis(rows, order, axis=1)
+    scores = np.take_along_axis(scores, order, axis=1)
+    return Candidates(
+        rows=rows,
+        scores=np.where(rows >= 0, scores, 0.0),
+        vectors=np.take_along_axis(vectors, order[..., None], axis=1),
+    )
 
 
 def _text_hash(text: str) -> str:
@@ -229,6 +250,8 @@ class CorpusIndex:
         """Open an index directory; with `embedder`, refuse one built by a different embedder."""
         directory = Path(directory)
         manifest = CorpusIndex.read_manifest(directory)
+        if manifest.get("shards"):
+            raise IndexMismatchError(f"{directory} is a sharded index: open it with selection.shards.load_index")
         if embedder is not None:
             check_embedder(manifest, embedder, directory)
         index = faiss.read_index(str(directory / "index.faiss"))
@@ -247,6 +270,10 @@ class CorpusIndex:
         if not np.isfinite(queries).all():
             raise ValueError("query embeddings contain NaN or infinite values")
         return retrieve(self.index, self.embeddings, queries, k)
+
+    def chunks(self, rows: Iterable[int]) -> list[StoredChunk]:
+        """The stored chunks of `rows`, in that order (repeats allowed)."""
+        return self.store.get(rows)
 
     def close(self) -> None:
         self.store.close()

@@ -15,6 +15,7 @@ import torch
 from selection.embed import Embedder
 from selection.index import CorpusIndex
 from selection.select import select_batch
+from selection.shards import ShardedIndex
 from selection.stopping import StopReason
 
 
@@ -52,9 +53,9 @@ class SelectionResult:
 
 
 class Selector:
-    """Chooses training documents for prompts from one corpus index."""
+    """Chooses training documents for prompts from one corpus index (whole, or in shards)."""
 
-    def __init__(self, index: CorpusIndex, embedder: Embedder, device: str = "cpu") -> None:
+    def __init__(self, index: CorpusIndex | ShardedIndex, embedder: Embedder, device: str = "cpu") -> None:
         if index.dim != embedder.dim:
             raise ValueError(f"index is {index.dim}-d but the embedder gives {embedder.dim}-d vectors")
         self.index = index
@@ -86,14 +87,14 @@ class Selector:
             cand_sets.append(torch.from_numpy(np.ascontiguousarray(found.vectors[b][valid])).to(self.device))
             row_sets.append(rows)
         # NN-F's duplicates are identical texts, recognised by the store's text hashes.
-        keys = [[c.hash for c in self.index.store.get(rows)] for rows in row_sets] if method == "nn_f" else None
+        keys = [[c.hash for c in self.index.chunks(rows)] for rows in row_sets] if method == "nn_f" else None
         selections = select_batch(
             targets, cand_sets, n, method=method, lambda_=lambda_, alpha=alpha, keys=keys, seed=seed
         )
         results = []
         for b, sel in enumerate(selections):
             picks = sel.indices.tolist()
-            chunks = self.index.store.get(row_sets[b][picks]) if picks else []
+            chunks = self.index.chunks(row_sets[b][picks]) if picks else []
             sims = (cand_sets[b][picks] @ targets[b]).tolist() if picks else []
             documents = [
                 PickedDocument(

@@ -16,7 +16,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -24,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.errors import APIError
 from serving.logs import accept_request_id, install, request_id_var
+from serving.metrics import PrometheusMetrics
 from serving.openai_server import OpenAIServer
 from serving.protocol import (
     ChatCompletionRequest,
@@ -163,7 +163,7 @@ def create_app(server: OpenAIServer, behind_serve_proxy: bool = False) -> FastAP
     app.state.server = server
 
     def count(request: Request, status: int) -> None:
-        server.metrics.requests.labels(request.scope.get("route_path", request.url.path), str(status)).inc()
+        server.metrics.request(request.scope.get("route_path", request.url.path), status)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -217,9 +217,11 @@ def create_app(server: OpenAIServer, behind_serve_proxy: bool = False) -> FastAP
         status = await server.health()
         return JSONResponse(status.model_dump(), status_code=200 if status.status == "ok" else 503)
 
-    @app.get("/metrics", response_class=Response)
-    async def metrics() -> Response:
-        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    if isinstance(server.metrics, PrometheusMetrics):  # under Ray Serve, Ray exports the metrics on every node
+
+        @app.get("/metrics", response_class=Response)
+        async def metrics() -> Response:
+            return Response(server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     public = frozenset({"/health"} | ({"/metrics"} if config.metrics_public else set()))
     app.add_middleware(AuthMiddleware, server=server, public=public)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -81,10 +82,14 @@ def index_build(
     embedder: Annotated[str | None, typer.Option(help="minilm or base-model")] = None,
     chunk_tokens: Annotated[int | None, typer.Option(help="chunk size in tokens")] = None,
     kind: Annotated[str | None, typer.Option(help="auto, flat, ivf or hnsw")] = None,
+    shards: Annotated[
+        int, typer.Option(min=1, help="write the index as this many shards (one per Selector shard)")
+    ] = 1,
 ) -> None:
     """Chunk, embed and index a corpus (idempotent for --default)."""
     from selection.build import build_corpus_index, ensure_default_index
     from selection.corpus import CorpusError
+    from selection.shards import split_index
 
     settings = _settings(
         config,
@@ -95,16 +100,44 @@ def index_build(
     )
     if default == (corpus is not None):
         raise _fail("give either a CORPUS with --out DIR, or --default")
+    if default and shards > 1:
+        raise _fail("--shards applies to a CORPUS; shard the default index with `sift-serve index shard`")
     try:
         if default:
             path = ensure_default_index(settings.models, settings.index)
         else:
             if out is None:
                 raise _fail("--out DIR is required with a CORPUS")
-            path = build_corpus_index(corpus, out, settings.models, settings.index).directory
-    except (CorpusError, FileNotFoundError, OSError) as exc:
+            if shards == 1:
+                path = build_corpus_index(corpus, out, settings.models, settings.index).directory
+            else:
+                whole = out.with_name(out.name + ".whole")
+                try:
+                    build_corpus_index(corpus, whole, settings.models, settings.index)
+                    path = split_index(whole, out, shards, settings.index.kind)
+                finally:
+                    shutil.rmtree(whole, ignore_errors=True)
+    except (CorpusError, FileNotFoundError, OSError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     typer.echo(f"index: {path}")
+
+
+@index_app.command("shard")
+def index_shard(
+    source: Annotated[Path, typer.Argument(help="an index directory from `sift-serve index build`")],
+    out: Annotated[Path, typer.Option(help="directory to write the shards to")],
+    shards: Annotated[int, typer.Option(min=1, help="number of shards")],
+    kind: Annotated[str, typer.Option(help="Faiss index kind per shard: auto, flat, ivf or hnsw")] = "auto",
+) -> None:
+    """Split a built index into shards (vectors and texts copied; nothing is re-embedded)."""
+    from selection.index import IndexMismatchError
+    from selection.shards import split_index
+
+    try:
+        path = split_index(source, out, shards, kind)
+    except (FileNotFoundError, IndexMismatchError, OSError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"index: {path} ({shards} shards)")
 
 
 @app.command("select")
@@ -125,6 +158,7 @@ def select_cmd(
     from selection.embed import load_embedder
     from selection.index import CorpusIndex, IndexMismatchError
     from selection.selector import Selector
+    from selection.shards import load_index
 
     settings = _settings(
         config,
@@ -141,7 +175,7 @@ def select_cmd(
         if settings.models.embedder == "base-model":
             model_dir = resolve_model(settings.models.base_model, settings.models.cache_dir)
         embedder = load_embedder(settings.models.embedder, model_dir, settings.models.device)
-        corpus_index = CorpusIndex.load(directory, embedder)
+        corpus_index = load_index(directory, embedder)
     except (FileNotFoundError, IndexMismatchError) as exc:
         if index == "default" and isinstance(exc, FileNotFoundError):
             raise _fail(f"{exc}\n(the default index is built by `sift-serve index build --default`)") from exc

@@ -1,16 +1,25 @@
 """One calling convention for the services, whether they are local objects or Ray Serve deployments.
 
-`call` awaits a method's result; `stream` iterates a method that yields. The OpenAI server is written
-against this, so it runs unchanged in tests (local objects) and in Ray Serve (DeploymentHandles).
-Streams are async generators: closing one (`contextlib.aclosing`) closes or cancels what it iterates at
-once, so a client that goes away stops the work behind it without waiting for garbage collection.
+`check` refuses at once (503, `Unavailable`) when the service cannot answer; `call` awaits a method's
+result; `stream` iterates a method that yields. The OpenAI server is written against this, so it runs
+unchanged in tests (local objects) and in Ray Serve (DeploymentHandles). Streams are async generators:
+closing one (`contextlib.aclosing`) closes or cancels what it iterates at once, so a client that goes away
+stops the work behind it without waiting for garbage collection.
+
+`ShardClient` is the blocking counterpart the Selector uses to search the index shards it does not hold.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any
+
+import numpy as np
+
+from selection.index import Candidates
+from selection.store import StoredChunk
+from serving.availability import ServeAvailability, Unavailable
 
 
 class LocalClient:
@@ -18,6 +27,9 @@ class LocalClient:
 
     def __init__(self, service: Any) -> None:
         self.service = service
+
+    def check(self) -> None:
+        """A local service is always there."""
 
     async def call(self, method: str, *args: Any) -> Any:
         result = getattr(self.service, method)(*args)
@@ -30,18 +42,66 @@ class LocalClient:
 
 
 class HandleClient:
-    """Calls a Ray Serve deployment through its DeploymentHandle."""
+    """Calls a Ray Serve deployment through its DeploymentHandle.
 
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
+    `part` names the service in errors; `needs` are the deployments that must have a running replica for a
+    call to be answered (the deployment itself, and for the Selector its index shards). A call that finds
+    one of them down, or whose replica dies under it, raises `Unavailable` instead of waiting.
+    """
+
+    def __init__(
+        self,
+        handle: Any,
+        part: str,
+        needs: Sequence[str],
+        availability: ServeAvailability,
+        retry_after_s: float,
+    ) -> None:
+        self.handle, self.part, self.needs = handle, part, list(needs)
+        self.availability, self.retry_after_s = availability, retry_after_s
+
+    def check(self) -> None:
+        if not all(self.availability.running(name) for name in self.needs):
+            raise Unavailable(self.part, self.retry_after_s)
 
     async def call(self, method: str, *args: Any) -> Any:
-        return await getattr(self.handle, method).remote(*args)
+        self.check()
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except _REPLICA_GONE as exc:
+            raise Unavailable(self.part, self.retry_after_s) from exc
 
     async def stream(self, method: str, *args: Any) -> AsyncIterator[Any]:
+        self.check()
         response = getattr(self.handle.options(stream=True), method).remote(*args)
         try:
             async for item in response:
                 yield item
+        except _REPLICA_GONE as exc:
+            raise Unavailable(self.part, self.retry_after_s) from exc
         finally:
             response.cancel()  # the replica's generator is closed too; a no-op once it has finished
+
+
+class ShardClient:
+    """An index shard held by another deployment, as a `selection.shards.Shard` (blocking calls: the Selector
+    searches from its worker threads). A shard that does not answer within `timeout_s` fails the search."""
+
+    def __init__(self, handle: Any, timeout_s: float) -> None:
+        self.handle, self.timeout_s = handle, timeout_s
+
+    def search(self, queries: np.ndarray, k: int) -> Candidates:
+        return self.handle.search.remote(queries, k).result(timeout_s=self.timeout_s)
+
+    def chunks(self, rows: Sequence[int]) -> list[StoredChunk]:
+        return self.handle.chunks.remote([int(r) for r in rows]).result(timeout_s=self.timeout_s)
+
+
+def _replica_gone() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    return (RayActorError, BackPressureError)
+
+
+_REPLICA_GONE = _replica_gone()

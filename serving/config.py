@@ -45,12 +45,31 @@ class GeneratorConfig(Strict):
         return self
 
 
+class Autoscaling(Strict):
+    """Ray Serve's autoscaling for a stateless deployment (Ingress, Selector): replicas follow the load."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0, description="requests per replica Serve scales towards")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+
 class Resources(Strict):
-    """Ray resources of one deployment: always pinned (Ray's default of 1 CPU per replica deadlocks 2 cores)."""
+    """Ray resources of one deployment: always pinned (Ray's default of 1 CPU per replica deadlocks 2 cores).
+
+    `resources` places replicas by custom node resources (e.g. `{index_shard: 1}` on CPU nodes started with
+    `ray start --resources '{"index_shard": 4}'`); `num_gpus` may be fractional, so deployments share a GPU."""
 
     num_cpus: float = Field(gt=0)
     num_gpus: float = Field(0.0, ge=0)
-    replicas: int = Field(1, ge=1)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per replica")
+    replicas: int = Field(1, ge=1, description="fixed replica count (ignored when autoscaling is set)")
+    autoscaling: Autoscaling | None = Field(None, description="Ray Serve autoscaling instead of fixed replicas")
     max_ongoing_requests: int = Field(16, ge=1, description="requests one replica works on at once")
     max_queued_requests: int = Field(
         -1, ge=-1, description="requests waiting for a replica before new ones are refused (-1: no limit)"
@@ -89,8 +108,19 @@ class ServerConfig(Strict):
         default_factory=lambda: Resources(num_cpus=0.25, max_ongoing_requests=64, max_queued_requests=64)
     )
     selector: Resources = Field(default_factory=lambda: Resources(num_cpus=0.25, max_ongoing_requests=64))
+    shard: Resources = Field(
+        default_factory=lambda: Resources(num_cpus=0.25, max_ongoing_requests=64),
+        description="each index shard's deployment (when the index is sharded)",
+    )
     trainer: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5, max_ongoing_requests=64))
     generator: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5, max_ongoing_requests=64))
+
+    @model_validator(mode="after")
+    def _stateful_parts_fixed(self) -> ServerConfig:
+        for name in ("trainer", "generator", "shard"):
+            if getattr(self, name).autoscaling is not None:
+                raise ValueError(f"server.{name} keeps state (a model or an index shard): give it fixed replicas")
+        return self
 
     def keys(self) -> list[str]:
         """Every accepted API key: the configured list plus the key file's non-empty lines."""

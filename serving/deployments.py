@@ -1,14 +1,15 @@
-"""The Ray Serve application: Ingress (FastAPI) -> Selector, Trainer, Generator, composed with handles.
+"""The Ray Serve application: Ingress (FastAPI) -> Selector (-> one deployment per index shard), Trainer,
+Generator, composed with handles.
 
-Each deployment is a thin wrapper around a plain service object (`serving.services`); resources come
-from `Settings.server` and are always pinned. `build(settings)` returns the bound application;
-`app_builder` is the entry point for `serve run deploy/serve_config.yaml`.
+Each deployment is a thin wrapper around a plain service object (`serving.services`); resources, custom
+resources for placement and autoscaling come from `Settings.server` and are always pinned. `build(settings)`
+returns the bound application; `app_builder` is the entry point for `serve run` / `serve deploy` of
+`deploy/serve_config.yaml`. The number of shard deployments is read from the index manifest.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -16,15 +17,20 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
-from selection.build import default_index_dir
+from selection.index import CorpusIndex
+from selection.shards import shard_count
 from serving.app import create_app
-from serving.clients import HandleClient
+from serving.availability import ServeAvailability
+from serving.clients import HandleClient, ShardClient
 from serving.config import Resources, Settings
 from serving.engines import SamplingDefaults, context_length
+from serving.metrics import RayMetrics
 from serving.openai_server import OpenAIServer
-from serving.services import GeneratorService, SelectorService, TrainerService, model_dir
+from serving.services import GeneratorService, SelectorService, ShardService, TrainerService, index_dir, model_dir
 
 log = logging.getLogger(__name__)
+
+SHARD_TIMEOUT_S = 30.0  # a shard that does not answer a search within this fails the selection
 
 
 @serve.deployment
@@ -36,47 +42,90 @@ class Ingress:
     """
 
     def __init__(
-        self, settings: Settings, selector: DeploymentHandle, trainer: DeploymentHandle, generator: DeploymentHandle
+        self,
+        settings: Settings,
+        selector: DeploymentHandle,
+        trainer: DeploymentHandle,
+        generator: DeploymentHandle,
+        shards: list[str],
     ) -> None:
         from transformers import AutoTokenizer
 
         model = model_dir(settings)
+        availability = ServeAvailability(serve.get_replica_context().app_name)
+        retry = settings.server.retry_after_s
+
+        def client(handle: DeploymentHandle, part: str, needs: list[str]) -> HandleClient:
+            return HandleClient(handle, part, needs, availability, retry)
+
         self.server = OpenAIServer(
             settings,
             AutoTokenizer.from_pretrained(model),
-            HandleClient(selector),
-            HandleClient(trainer),
-            HandleClient(generator),
+            client(selector, "selector", ["Selector", *shards]),
+            client(trainer, "trainer", ["Trainer"]),
+            client(generator, "generator", ["Generator"]),
             context_length(model, settings.generator),
             settings.server.served_model_name or model.name,
             SamplingDefaults.from_model(model),
+            RayMetrics(),
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.server, behind_serve_proxy=True)
 
 
-def _options(resources: Resources, name: str) -> dict[str, Any]:
-    return {
+class ShardedSelector(SelectorService):
+    """The Selector of a sharded index: it embeds, asks every shard deployment for its top-K, merges, and
+    runs SIFT once on the merged candidates."""
+
+    def __init__(self, settings: Settings, shards: list[DeploymentHandle]) -> None:
+        super().__init__(settings, [ShardClient(handle, SHARD_TIMEOUT_S) for handle in shards])
+
+
+def deployment_options(resources: Resources, name: str) -> dict[str, Any]:
+    """Ray Serve options for one deployment, from its `Resources` (also what `sift-serve deploy config` writes)."""
+    actor: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+    if resources.resources:
+        actor["resources"] = dict(resources.resources)
+    options: dict[str, Any] = {
         "name": name,
-        "num_replicas": resources.replicas,
         "max_ongoing_requests": resources.max_ongoing_requests,
         "max_queued_requests": resources.max_queued_requests,
-        "ray_actor_options": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
+        "ray_actor_options": actor,
     }
+    if resources.autoscaling is not None:
+        options["autoscaling_config"] = resources.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = resources.replicas
+    return options
+
+
+def shard_names(settings: Settings) -> list[str]:
+    """The index shards' deployment names (none for an unsharded index), from the index manifest."""
+    return [f"Shard{i}" for i in range(shard_count(CorpusIndex.read_manifest(index_dir(settings))))]
 
 
 def build(settings: Settings) -> serve.Application:
     """The application graph, every deployment's resources pinned from `settings.server`."""
     s = settings.server
-    selector = serve.deployment(SelectorService).options(**_options(s.selector, "Selector")).bind(settings)
-    trainer = serve.deployment(TrainerService).options(**_options(s.trainer, "Trainer")).bind(settings)
-    generator = serve.deployment(GeneratorService).options(**_options(s.generator, "Generator")).bind(settings)
+    shards = [
+        serve.deployment(ShardService).options(**deployment_options(s.shard, name)).bind(settings, i)
+        for i, name in enumerate(shard_names(settings))
+    ]
+    selector_options = deployment_options(s.selector, "Selector")
+    if shards:
+        selector = serve.deployment(ShardedSelector).options(**selector_options).bind(settings, shards)
+    else:
+        selector = serve.deployment(SelectorService).options(**selector_options).bind(settings)
+    trainer = serve.deployment(TrainerService).options(**deployment_options(s.trainer, "Trainer")).bind(settings)
+    generator = (
+        serve.deployment(GeneratorService).options(**deployment_options(s.generator, "Generator")).bind(settings)
+    )
     # Admission is Ray Serve's, so it holds for any number of Ingress replicas: beyond max_ongoing_requests
     # per replica and max_queued_requests waiting, a request gets 429 with Retry-After from Serve's proxy.
     backpressure = BackpressureConfig(status_code=429, retry_after_s=s.retry_after_s)
-    ingress = Ingress.options(**_options(s.ingress, "Ingress"), backpressure_config=backpressure)
-    return ingress.bind(settings, selector, trainer, generator)
+    ingress = Ingress.options(**deployment_options(s.ingress, "Ingress"), backpressure_config=backpressure)
+    return ingress.bind(settings, selector, trainer, generator, shard_names(settings))
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -85,7 +134,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     args = dict(args or {})
     config = args.pop("config", None)
     settings = Settings.load(config, overrides=args)
-    index = settings.index_path or default_index_dir(settings.models)
-    if not (Path(index) / "manifest.json").is_file():
+    index = index_dir(settings)
+    if not (index / "manifest.json").is_file():
         raise FileNotFoundError(f"no index at {index}: run `make setup` (or `sift-serve index build`) first")
     return build(settings)

@@ -20,7 +20,7 @@ from serving.config import Settings
 from serving.engines import Chunk, SamplingDefaults
 from serving.errors import APIError, bad_request
 from serving.formats import ChatFormat, CompletionFormat, Output
-from serving.metrics import Metrics
+from serving.metrics import Metrics, PrometheusMetrics
 from serving.pipeline import Adapted, Job, Pipeline, Selected, plan_adaptation
 from serving.protocol import (
     ChatCompletionRequest,
@@ -55,6 +55,7 @@ class OpenAIServer:
         max_model_len: int,
         model_name: str,
         sampling_defaults: SamplingDefaults,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.tokenizer = tokenizer
@@ -64,7 +65,7 @@ class OpenAIServer:
         self.sampling_defaults = sampling_defaults
         self.api_keys = settings.server.keys()
         self.created = now()
-        self.metrics = Metrics()
+        self.metrics = metrics or PrometheusMetrics()
         self.pipeline = Pipeline(selector, trainer, generator, self.metrics)
 
     # ---- small routes ----------------------------------------------------------------
@@ -154,6 +155,7 @@ class OpenAIServer:
         return await self._respond(job, CompletionFormat(self.tokenizer, self.model_name, job, req), req)
 
     async def _respond(self, job: Job, fmt: ChatFormat | CompletionFormat, req):
+        self.pipeline.check(job)  # a part that is down is a 503 now, not after a stream has begun
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._sse(job, fmt, include_usage)

@@ -128,12 +128,12 @@ class _Lease:
     def take(self, adapter: AdapterBlob | None) -> None:
         self.adapter = adapter
         if adapter is not None:
-            self.metrics.adapters_live.inc()
+            self.metrics.adapters_live(+1)
 
     def close(self) -> None:
         if self.adapter is not None:
             self.adapter = None
-            self.metrics.adapters_live.dec()
+            self.metrics.adapters_live(-1)
 
 
 class Pipeline:
@@ -142,6 +142,12 @@ class Pipeline:
     def __init__(self, selector, trainer, generator, metrics: Metrics) -> None:
         self.selector, self.trainer, self.generator = selector, trainer, generator
         self.metrics = metrics
+
+    def check(self, job: Job) -> None:
+        """Refuse now (`Unavailable`, 503) if a part this job needs has no running replica."""
+        adapts = job.plan.enabled and job.plan.max_steps > 0
+        for client in (self.selector, self.trainer, self.generator) if adapts else (self.generator,):
+            client.check()
 
     async def run(self, job: Job) -> AsyncIterator[Event]:
         lease = _Lease(self.metrics)
@@ -158,7 +164,7 @@ class Pipeline:
                     timings.load_adapter += chunk.load_adapter_s
                     timings.generate = time.monotonic() - started - timings.load_adapter
                     yield chunk
-            self.metrics.stage.labels("generate").observe(timings.generate)
+            self.metrics.stage("generate", timings.generate)
         finally:
             lease.close()
 
@@ -170,6 +176,8 @@ class Pipeline:
             return
         try:
             picked = await self._select(job)
+        except APIError:
+            raise
         except Exception:
             log.exception("selection failed")
             self._failed(report, "selection failed")
@@ -196,6 +204,8 @@ class Pipeline:
                         lease.take(item.adapter)
                     else:
                         yield item
+        except APIError:
+            raise
         except TrainerBusyError as exc:
             raise APIError(
                 503,
@@ -216,8 +226,8 @@ class Pipeline:
         report.timings.train = result.train_seconds + result.export_seconds
         report.stop_reason = result.stop_reason
         report.adapter = result.adapter is not None
-        self.metrics.stage.labels("train").observe(report.timings.train)
-        self.metrics.steps.inc(result.steps)
+        self.metrics.stage("train", report.timings.train)
+        self.metrics.steps(result.steps)
 
     async def _select(self, job: Job) -> SelectionResult:
         plan = job.plan
@@ -225,7 +235,7 @@ class Pipeline:
         query = SelectQuery(job.query, plan.picks, plan.method, plan.lambda_, plan.alpha, plan.candidates)
         picked: SelectionResult = await self.selector.call("select", query)
         job.report.timings.select = time.monotonic() - started
-        self.metrics.stage.labels("select").observe(job.report.timings.select)
+        self.metrics.stage("select", job.report.timings.select)
         job.report.documents = [DocumentRef(id=d.id, source=d.source) for d in picked.documents]
         job.report.sigma2 = picked.sigma2
         return picked

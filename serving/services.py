@@ -1,5 +1,6 @@
-"""The bodies of the Selector, Trainer and Generator deployments: thin async wrappers around the plain
-engines (`selection.Selector`, `adapters.Trainer`, a `Generator`), usable with or without Ray Serve.
+"""The bodies of the Selector, Trainer, Generator and index-shard deployments: thin async wrappers around
+the plain engines (`selection.Selector`, `adapters.Trainer`, a `Generator`, `selection.shards.LocalShard`),
+usable with or without Ray Serve.
 
 Each is constructed from the one `Settings` object; each method is what a DeploymentHandle calls, and
 everything crossing it is a typed object (`SelectQuery` -> `SelectionResult`, `TrainRequest` ->
@@ -16,13 +17,17 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from adapters.handle import AdapterBlob
 from adapters.trainer import Trainer, TrainRequest, TrainResult, TrainStep
 from infra.models import resolve_model
 from selection.build import default_index_dir
 from selection.embed import Embedder, load_embedder
-from selection.index import CorpusIndex, check_tokenizer
+from selection.index import Candidates, CorpusIndex, check_embedder, check_tokenizer
 from selection.selector import SelectionResult, Selector
+from selection.shards import LocalShard, Shard, ShardedIndex, load_index, shard_count, shard_dir
+from selection.store import StoredChunk
 from serving.config import Settings
 from serving.engines import Chunk, Sampling, make_generator
 
@@ -37,9 +42,12 @@ def model_dir(settings: Settings) -> Path:
     return resolve_model(settings.models.base_model, settings.models.cache_dir)
 
 
-def open_index(settings: Settings) -> tuple[CorpusIndex, Embedder]:
+def open_index(settings: Settings, shards: list[Shard] | None = None) -> tuple[CorpusIndex | ShardedIndex, Embedder]:
     """Load the configured index and embedder; refuse (IndexMismatchError) an index chunked with another
-    tokenizer than the served model's or embedded with another embedder than the configured one."""
+    tokenizer than the served model's or embedded with another embedder than the configured one.
+
+    A sharded index is searched through `shards` when given (the shard deployments), else all its shards
+    are loaded here."""
     from transformers import AutoTokenizer
 
     directory = index_dir(settings)
@@ -47,7 +55,12 @@ def open_index(settings: Settings) -> tuple[CorpusIndex, Embedder]:
     model = model_dir(settings)
     check_tokenizer(manifest, AutoTokenizer.from_pretrained(model), directory)
     embedder = load_embedder(settings.models.embedder, model, settings.models.device)
-    return CorpusIndex.load(directory, embedder), embedder
+    if shards is None:
+        return load_index(directory, embedder), embedder
+    if len(shards) != shard_count(manifest):
+        raise ValueError(f"{directory} has {shard_count(manifest)} shards, but {len(shards)} shard services were given")
+    check_embedder(manifest, embedder, directory)
+    return ShardedIndex(manifest, shards), embedder
 
 
 @dataclass(frozen=True)
@@ -72,8 +85,8 @@ class SelectorService:
     A batch that fails is retried prompt by prompt, so one bad prompt fails only its own request.
     """
 
-    def __init__(self, settings: Settings) -> None:
-        index, embedder = open_index(settings)
+    def __init__(self, settings: Settings, shards: list[Shard] | None = None) -> None:
+        index, embedder = open_index(settings, shards)
         self.selector = Selector(index, embedder, settings.models.device)
         self._lock = asyncio.Lock()
         self._pending: list[tuple[SelectQuery, asyncio.Future]] = []
@@ -113,6 +126,24 @@ class SelectorService:
                         outcomes.append(exc)
             for (_, future), outcome in zip(items, outcomes, strict=True):
                 future.get_loop().call_soon_threadsafe(_settle, future, outcome)
+
+
+class ShardService:
+    """Shard `i` of a sharded index: the top-K of its rows for query vectors, and their texts (global rows).
+
+    The Selector embeds prompts, asks every shard, merges the answers and runs SIFT once."""
+
+    def __init__(self, settings: Settings, i: int) -> None:
+        self.shard = LocalShard(shard_dir(index_dir(settings), i))
+
+    async def ready(self) -> str:
+        return f"ready (shard {self.shard.i} of {self.shard.of}: {len(self.shard)} documents)"
+
+    async def search(self, queries: np.ndarray, k: int) -> Candidates:
+        return await asyncio.to_thread(self.shard.search, queries, k)
+
+    async def chunks(self, rows: list[int]) -> list[StoredChunk]:
+        return await asyncio.to_thread(self.shard.chunks, rows)
 
 
 def _settle(future: asyncio.Future, outcome: object) -> None:

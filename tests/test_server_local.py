@@ -78,7 +78,7 @@ def adapters_left(server) -> list:
 
 
 def gauge(server) -> float:
-    return server.metrics.adapters_live._value.get()
+    return server.metrics.live()
 
 
 def sse_events(text: str) -> list[dict]:

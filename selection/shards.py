@@ -1,0 +1,198 @@
+"""A corpus index in S shards: each shard holds every S-th row; a query takes the top-K of every shard and
+merges them into the global top-K, so SIFT runs once on the same candidates as on the unsharded index.
+
+On disk: `DIR/manifest.json` (the unsharded index's manifest plus `"shards": S`) and `DIR/shard-<i>/`, each
+a complete index directory whose manifest adds `"shard": [i, S]`. Global row r lives in shard r % S at
+local row r // S: shards stay balanced, and picks name the same rows as on the unsharded index.
+
+A shard is anything with `search` and `chunks` in global rows: `LocalShard` (a loaded shard directory) or,
+in the cluster, a client of the deployment that holds it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from selection.corpus import Chunk
+from selection.embed import Embedder
+from selection.index import Candidates, CorpusIndex, IndexMismatchError, check_embedder, make_faiss_index
+from selection.store import DocStore, StoredChunk
+
+log = logging.getLogger(__name__)
+
+_COPY_BATCH = 10_000
+
+
+class Shard(Protocol):
+    """One shard's retrieval, in global rows."""
+
+    def search(self, queries: np.ndarray, k: int) -> Candidates: ...
+
+    def chunks(self, rows: Sequence[int]) -> list[StoredChunk]: ...
+
+
+def shard_dir(directory: Path, i: int) -> Path:
+    return Path(directory) / f"shard-{i}"
+
+
+def shard_count(manifest: dict[str, Any]) -> int:
+    """S for a sharded index's manifest, 0 for an unsharded one."""
+    return int(manifest.get("shards", 0))
+
+
+class LocalShard:
+    """Shard i of S, loaded in this process; translates its local rows to global ones."""
+
+    def __init__(self, directory: Path) -> None:
+        self.index = CorpusIndex.load(directory)
+        position = self.index.manifest.get("shard")
+        if not position:
+            raise IndexMismatchError(f"{directory} is not a shard of a sharded index (no 'shard' in its manifest)")
+        self.i, self.of = int(position[0]), int(position[1])
+
+    def search(self, queries: np.ndarray, k: int) -> Candidates:
+        found = self.index.search(queries, k)
+        rows = np.where(found.rows >= 0, found.rows * self.of + self.i, -1)
+        return Candidates(rows=rows, scores=found.scores, vectors=found.vectors)
+
+    def chunks(self, rows: Sequence[int]) -> list[StoredChunk]:
+        local = [(int(r) - self.i) // self.of for r in rows]
+        return [replace(c, row=int(r)) for c, r in zip(self.index.chunks(local), rows, strict=True)]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def merge_candidates(parts: Sequence[Candidates], k: int) -> Candidates:
+    """The global top-k of per-shard top-k lists: best |cos| first, equal scores by row (as `search_abs`)."""
+    rows = np.concatenate([p.rows for p in parts], axis=1)
+    scores = np.concatenate([np.where(p.rows >= 0, p.scores, -np.inf) for p in parts], axis=1)
+    vectors = np.concatenate([p.vectors for p in parts], axis=1)
+    order = np.lexsort((np.where(rows >= 0, rows, np.iinfo(np.int64).max), -scores), axis=1)[:, :k]
+    rows = np.take_along_axis(rows, order, axis=1)
+    scores = np.take_along_axis(scores, order, axis=1)
+    vectors = np.take_along_axis(vectors, order[..., None], axis=1)
+    return Candidates(rows=rows, scores=np.where(rows >= 0, scores, 0.0), vectors=vectors)
+
+
+class ShardedIndex:
+    """The shards of one index, searched in parallel and merged; a drop-in for `CorpusIndex` in a `Selector`."""
+
+    def __init__(self, manifest: dict[str, Any], shards: Sequence[Shard]) -> None:
+        if len(shards) != shard_count(manifest):
+            raise ValueError(f"the index has {shard_count(manifest)} shards but {len(shards)} were given")
+        self.manifest = manifest
+        self.shards = list(shards)
+        self._pool = ThreadPoolExecutor(len(self.shards), thread_name_prefix="shard-search")
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+    def search(self, queries: np.ndarray, k: int) -> Candidates:
+        """The k candidates with the largest |cos| over all shards for each of the (B, d) queries."""
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        k = min(k, len(self))
+        parts = list(self._pool.map(lambda shard: shard.search(queries, k), self.shards))
+        return merge_candidates(parts, k)
+
+    def chunks(self, rows: Iterable[int]) -> list[StoredChunk]:
+        """The stored chunks of global `rows`, in that order, each read from the shard that holds it."""
+        rows = [int(r) for r in rows]
+        by_shard: dict[int, list[int]] = {}
+        for r in rows:
+            by_shard.setdefault(r % len(self.shards), []).append(r)
+        found: dict[int, StoredChunk] = {}
+        for i, wanted in by_shard.items():
+            found.update((c.row, c) for c in self.shards[i].chunks(wanted))
+        return [found[r] for r in rows]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+def load_index(directory: Path, embedder: Embedder | None = None) -> CorpusIndex | ShardedIndex:
+    """Open an index directory, sharded (all shards in this process) or not; with `embedder`, refuse an index
+    built by a different one."""
+    manifest = CorpusIndex.read_manifest(directory)
+    if not shard_count(manifest):
+        return CorpusIndex.load(directory, embedder)
+    if embedder is not None:
+        check_embedder(manifest, embedder, directory)
+    return ShardedIndex(manifest, [LocalShard(shard_dir(directory, i)) for i in range(shard_count(manifest))])
+
+
+def split_index(source: Path, out: Path, shards: int, kind: str = "auto", progress: bool = True) -> Path:
+    """Write the index at `source` as `shards` shards to `out` (vectors and texts copied, nothing re-embedded)."""
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    source, out = Path(source), Path(out)
+    manifest = CorpusIndex.read_manifest(source)
+    if shard_count(manifest):
+        raise ValueError(f"{source} is already sharded ({shard_count(manifest)} shards)")
+    if shards > manifest["count"]:
+        raise ValueError(f"{shards} shards for {manifest['count']} chunks would leave shards empty")
+    if out.resolve() == source.resolve():
+        raise ValueError("write the shards to another directory than the source index")
+    embeddings = np.load(source / "embeddings.npy", mmap_mode="r")
+    store = DocStore(source / "docs.sqlite")
+    staging = out.with_name(out.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with tqdm(total=len(embeddings), desc=f"writing {shards} shards", unit="chunk", disable=not progress) as bar:
+            for i in range(shards):
+                _write_shard(embeddings, store, manifest, staging / f"shard-{i}", i, shards, kind, bar)
+        (staging / "manifest.json").write_text(json.dumps({**manifest, "shards": shards}, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+    finally:
+        store.close()
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote %d shards of %s to %s", shards, source, out)
+    return out
+
+
+def _write_shard(
+    embeddings: np.ndarray,
+    store: DocStore,
+    manifest: dict[str, Any],
+    directory: Path,
+    i: int,
+    shards: int,
+    kind: str,
+    bar: tqdm,
+) -> None:
+    directory.mkdir()
+    rows = np.arange(i, len(embeddings), shards)
+    vectors = np.ascontiguousarray(embeddings[rows], dtype=np.float32)
+    np.save(directory / "embeddings.npy", vectors)
+    index = make_faiss_index(kind, vectors.shape[1], len(vectors))
+    if not index.is_trained:
+        index.train(vectors)
+    index.add(vectors)
+    faiss.write_index(index, str(directory / "index.faiss"))
+    shard_store = DocStore.create(directory / "docs.sqlite")
+    for start in range(0, len(rows), _COPY_BATCH):
+        stored = store.get(rows[start : start + _COPY_BATCH])
+        chunks = [Chunk(id=c.id, doc_id=c.doc_id, text=c.text, source=c.source, title=c.title) for c in stored]
+        shard_store.add(start, chunks, [c.hash for c in stored])
+        bar.update(len(stored))
+    shard_store.commit()
+    shard_store.close()
+    shard_manifest = {**manifest, "count": len(rows), "kind": type(index).__name__, "shard": [i, shards]}
+    (directory / "manifest.json").write_text(json.dumps(shard_manifest, indent=2))

@@ -1,0 +1,65 @@
+"""Which deployments can answer right now, as Ray Serve's controller sees them.
+
+A request for a deployment without a running replica (its node is gone, Serve is restarting it) would wait
+in the handle's queue until one comes back, however long that takes. Instead the Ingress refuses it at once
+with 503 and Retry-After (`Unavailable`). The controller is polled in the background (once a second), so the
+check on the request path is a lookup; a call that reaches a replica as it dies is refused the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+from serving.errors import APIError
+
+log = logging.getLogger(__name__)
+
+
+class Unavailable(APIError):
+    """503: a part of the application has no running replica; retry after `retry_after` seconds."""
+
+    def __init__(self, part: str, retry_after_s: float) -> None:
+        super().__init__(
+            503,
+            f"The {part} is unavailable (its replica is restarting or its node is down); retry shortly.",
+            "server_error",
+            code="unavailable",
+            retry_after=max(1, math.ceil(retry_after_s)),
+        )
+
+
+class ServeAvailability:
+    """Running replicas per deployment of one Serve application, refreshed every `interval_s` seconds.
+
+    Until the first answer arrives every deployment counts as running, so a slow controller never refuses
+    requests on its own account.
+    """
+
+    def __init__(self, app_name: str, interval_s: float = 1.0) -> None:
+        self.app_name = app_name
+        self.interval_s = interval_s
+        self._running: dict[str, int] = {}
+        self._task: asyncio.Task | None = None
+
+    def running(self, deployment: str) -> bool:
+        """Whether `deployment` has a running replica, as of the last poll."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._poll(), name="serve-availability")
+        return self._running.get(deployment, 1) > 0
+
+    async def _poll(self) -> None:
+        from ray import serve
+
+        while True:
+            try:
+                status = await asyncio.to_thread(serve.status)
+                app = status.applications.get(self.app_name)
+                if app is not None:
+                    self._running = {
+                        name: int(d.replica_states.get("RUNNING", 0)) for name, d in app.deployments.items()
+                    }
+            except Exception:
+                log.warning("could not read Ray Serve's status; keeping the last known one", exc_info=True)
+            await asyncio.sleep(self.interval_s)
