@@ -1,14 +1,16 @@
 # Two entry points for a fresh machine (both idempotent):
 #   make serve   set everything up, then start the server on the embedded default
 #   make test    set everything up, then run lint and the test suite (what CI runs)
+#   make setup EXTRA=gpu   the GPU stack instead (vLLM's CUDA build, faiss-gpu); what the GPU image runs
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
+EXTRA ?= cpu
 
 .PHONY: setup serve demo test bench quality
 CORPUS := $(HOME)/.cache/sift-serve/corpus-6mb
 
 $(VENV_STAMP): pyproject.toml scripts/setup_venv.sh
-	bash scripts/setup_venv.sh
+	EXTRA=$(EXTRA) bash scripts/setup_venv.sh
 	touch $(VENV_STAMP)
 
 setup: $(VENV_STAMP)

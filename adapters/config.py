@@ -23,7 +23,7 @@ class TrainerConfig(Strict):
     max_steps: int = Field(4, ge=0, le=1000, description="most optimizer steps (one per picked document)")
     max_train_tokens: int = Field(256, ge=2, le=32768, description="documents are truncated to this")
     time_budget_s: float | None = Field(20.0, gt=0, description="wall-clock budget for training")
-    device: str = Field("cpu", description="cpu, cuda, cuda:0, ...")
+    device: str = Field("cpu", description="cpu, cuda, cuda:0, ... or auto (CUDA when the replica sees a GPU)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on a GPU that supports it, else float32"
     )

