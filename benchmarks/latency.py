@@ -10,7 +10,10 @@ ratios:
 - serving overhead of an adapted request: (end-to-end - select - train - generate) / end-to-end, at 1 client;
 - plain request through the server / the same request on the engine directly (p50 latency, 1 client).
 
-    python -m benchmarks.latency [--config FILE] [--requests-per-client 2] [--max-tokens 32]
+    python -m benchmarks.latency [--config FILE | --url URL] [--requests-per-client 2] [--max-tokens 32]
+
+`--config` starts the application with those settings on this machine; `--url` measures a server that is
+already running anywhere (a cluster: `serve deploy deploy/serve_config.yaml`), without the bare-engine part.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import openai
@@ -146,18 +150,24 @@ async def direct_engine(settings: Settings, concurrencies: list[int], per_client
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument(
-        "--adaptation", default='{"max_steps": 2, "max_train_tokens": 128}', help="adaptation object (JSON)"
-    )
-    parser.add_argument("--port", type=int, default=8321)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"))
-    args = parser.parse_args()
+def load_server(url: str, concurrencies: list[int], per_client: int, max_tokens: int, adaptation: dict) -> dict:
+    """Adapted and plain streamed requests against the server at `url`, at each concurrency."""
+    model = openai.OpenAI(base_url=f"{url}/v1", api_key="unused").models.list().data[0].id
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=900)
+    asyncio.run(load(client, model, 1, 1, max_tokens, {"enabled": False}))  # warm-up
+    results: dict = {"adapted": {}, "plain": {}}
+    for concurrency in concurrencies:
+        for kind, options in (("adapted", adaptation), ("plain", {"enabled": False})):
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=900)
+            row = asyncio.run(load(client, model, concurrency, per_client, max_tokens, options))
+            results[kind][str(concurrency)] = row
+            shown = {k: v for k, v in row.items() if k != "rows"}
+            print(f"server {kind:<7} c={concurrency:<3} {json.dumps(shown)}", flush=True)
+    return results
+
+
+def serve_locally(settings: Settings, port: int, run: Callable[[str], dict]) -> dict:
+    """Start the Ray Serve application for `settings` on this machine, `run(url)`, shut everything down."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -166,10 +176,34 @@ def main() -> None:
     from selection.build import ensure_default_index
     from serving.deployments import build
 
-    settings = Settings.load(args.config)
-    settings.server.port = args.port
+    settings.server.port = port
     if settings.index_path is None:
         ensure_default_index(settings.models, settings.index)
+    ray.init(num_cpus=settings.server.ray_num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build(settings), name="sift-serve", route_prefix="/")
+        return run(f"http://127.0.0.1:{port}")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="sift-serve settings to start the application with")
+    parser.add_argument("--url", help="measure a server that is already running (e.g. on a cluster) instead")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument(
+        "--adaptation", default='{"max_steps": 2, "max_train_tokens": 128}', help="adaptation object (JSON)"
+    )
+    parser.add_argument("--no-direct", action="store_true", help="skip the bare-engine comparison")
+    parser.add_argument("--port", type=int, default=8321)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"))
+    args = parser.parse_args()
+    settings = Settings.load(args.config)
     adaptation = json.loads(args.adaptation)
     results: dict = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
@@ -177,38 +211,29 @@ def main() -> None:
             "max_tokens": args.max_tokens,
             "requests_per_client": args.requests_per_client,
             "adaptation": adaptation,
+            "config": str(args.config) if args.config else None,
+            "url": args.url,
         },
-        "adapted": {},
-        "plain": {},
     }
-    ray.init(num_cpus=settings.server.ray_num_cpus, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        serve.run(build(settings), name="sift-serve", route_prefix="/")
-        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="unused", timeout=900)
-        model = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="unused").models.list().data[0].id
-        asyncio.run(load(client, model, 1, 1, args.max_tokens, {"enabled": False}))  # warm-up
-        for concurrency in args.concurrency:
-            for kind, options in (("adapted", adaptation), ("plain", {"enabled": False})):
-                client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="u", timeout=900)
-                row = asyncio.run(load(client, model, concurrency, args.requests_per_client, args.max_tokens, options))
-                results[kind][str(concurrency)] = row
-                shown = {k: v for k, v in row.items() if k != "rows"}
-                print(f"server {kind:<7} c={concurrency:<3} {json.dumps(shown)}", flush=True)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    results["direct"] = asyncio.run(
-        direct_engine(settings, args.concurrency, args.requests_per_client, args.max_tokens)
-    )
+
+    def run(url: str) -> dict:
+        return load_server(url, args.concurrency, args.requests_per_client, args.max_tokens, adaptation)
+
+    results |= run(args.url) if args.url else serve_locally(settings, args.port, run)
     one = str(args.concurrency[0])
     results["targets"] = {
         "adapted_machinery_share_c1": results["adapted"][one].get("machinery_share_mean"),
         "adapted_machinery_share_excl_queue": {
             c: r.get("machinery_share_excl_queue_mean") for c, r in results["adapted"].items()
         },
-        "plain_over_direct_p50_c1": results["plain"][one]["e2e_p50"] / results["direct"][one]["e2e_p50"],
     }
+    if not (args.no_direct or args.url):
+        results["direct"] = asyncio.run(
+            direct_engine(settings, args.concurrency, args.requests_per_client, args.max_tokens)
+        )
+        results["targets"]["plain_over_direct_p50_c1"] = (
+            results["plain"][one]["e2e_p50"] / results["direct"][one]["e2e_p50"]
+        )
     print(json.dumps(results["targets"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

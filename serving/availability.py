@@ -3,7 +3,9 @@
 A request for a deployment without a running replica (its node is gone, Serve is restarting it) would wait
 in the handle's queue until one comes back, however long that takes. Instead the Ingress refuses it at once
 with 503 and Retry-After (`Unavailable`). The controller is polled in the background (once a second), so the
-check on the request path is a lookup; a call that reaches a replica as it dies is refused the same way.
+check on the request path is a lookup. A call already waiting when its deployment loses its last replica (a
+request queued for a replica that died, which Serve would hold until a new one starts) is cancelled and
+refused the same way, as is a call whose replica dies under it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Sequence
 
 from serving.errors import APIError
 
@@ -48,6 +51,11 @@ class ServeAvailability:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._poll(), name="serve-availability")
         return self._running.get(deployment, 1) > 0
+
+    async def until_down(self, deployments: Sequence[str]) -> None:
+        """Return once any of `deployments` has no running replica (a call waiting on it never will answer)."""
+        while all(self.running(name) for name in deployments):
+            await asyncio.sleep(self.interval_s / 2)
 
     async def _poll(self) -> None:
         from ray import serve

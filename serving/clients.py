@@ -11,6 +11,7 @@ stops the work behind it without waiting for garbage collection.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any
@@ -66,21 +67,40 @@ class HandleClient:
 
     async def call(self, method: str, *args: Any) -> Any:
         self.check()
+        response = getattr(self.handle, method).remote(*args)
+        watch = asyncio.ensure_future(self.availability.until_down(self.needs))
         try:
-            return await getattr(self.handle, method).remote(*args)
-        except _REPLICA_GONE as exc:
-            raise Unavailable(self.part, self.retry_after_s) from exc
+            return await self._unless_down(asyncio.ensure_future(response), watch)
+        finally:
+            watch.cancel()
+            response.cancel()  # a no-op once it has finished
 
     async def stream(self, method: str, *args: Any) -> AsyncIterator[Any]:
         self.check()
         response = getattr(self.handle.options(stream=True), method).remote(*args)
+        watch = asyncio.ensure_future(self.availability.until_down(self.needs))
         try:
-            async for item in response:
+            while True:
+                try:
+                    item = await self._unless_down(asyncio.ensure_future(anext(response)), watch)
+                except StopAsyncIteration:
+                    return
                 yield item
+        finally:
+            watch.cancel()
+            response.cancel()  # the replica's generator is closed too; a no-op once it has finished
+
+    async def _unless_down(self, work: asyncio.Future, watch: asyncio.Future) -> Any:
+        """`work`'s result, or `Unavailable` once a needed deployment has lost its last replica (or the
+        replica answering dies)."""
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            raise Unavailable(self.part, self.retry_after_s)
+        try:
+            return work.result()
         except _REPLICA_GONE as exc:
             raise Unavailable(self.part, self.retry_after_s) from exc
-        finally:
-            response.cancel()  # the replica's generator is closed too; a no-op once it has finished
 
 
 class ShardClient:

@@ -119,7 +119,9 @@ def build(settings: Settings) -> serve.Application:
         selector = serve.deployment(SelectorService).options(**selector_options).bind(settings)
     trainer = serve.deployment(TrainerService).options(**deployment_options(s.trainer, "Trainer")).bind(settings)
     generator = (
-        serve.deployment(GeneratorService).options(**deployment_options(s.generator, "Generator")).bind(settings)
+        serve.deployment(GeneratorService)
+        .options(**deployment_options(s.generator, "Generator"))
+        .bind(settings, ray_metrics=True)
     )
     # Admission is Ray Serve's, so it holds for any number of Ingress replicas: beyond max_ongoing_requests
     # per replica and max_queued_requests waiting, a request gets 429 with Retry-After from Serve's proxy.

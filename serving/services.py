@@ -196,11 +196,11 @@ class TrainerService:
 
 
 class GeneratorService:
-    """The answering engine (vLLM, or transformers as the fallback)."""
+    """The answering engine (vLLM, or transformers as the fallback); `ray_metrics` under Ray Serve."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, ray_metrics: bool = False) -> None:
         self.generator = make_generator(
-            model_dir(settings), settings.generator, settings.trainer.rank, settings.trainer.device
+            model_dir(settings), settings.generator, settings.trainer.rank, settings.trainer.device, ray_metrics
         )
 
     async def ready(self) -> str:

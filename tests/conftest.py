@@ -6,6 +6,7 @@ import contextlib
 import os
 import sysconfig
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -107,9 +108,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Served:
+    """A running application: its HTTP root and Ray's Prometheus export (where its metrics are)."""
+
+    url: str
+    metrics_url: str
+
+    def metric(self, name: str) -> float | None:
+        """The sum of `name`'s samples over every replica, or None while Ray has not exported it yet."""
+        return scrape(self.metrics_url, name)
+
+
+def scrape(metrics_url: str, name: str) -> float | None:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = [
+        sample.value
+        for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+    return sum(values) if values else None
+
+
 @contextlib.contextmanager
-def running_app(settings) -> Iterator[str]:
-    """The Ray Serve application for `settings` on a local Ray cluster, torn down afterwards; yields its URL.
+def running_app(settings) -> Iterator[Served]:
+    """The Ray Serve application for `settings` on a local Ray cluster, torn down afterwards.
 
     The port is chosen once Ray's own processes are up (they take ports too), and another one is tried if
     the proxy still cannot bind it.
@@ -121,7 +147,8 @@ def running_app(settings) -> Iterator[str]:
 
     from serving.deployments import build
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    metrics_port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     try:
         for attempt in range(3):
             settings.server.port = free_port()
@@ -133,7 +160,7 @@ def running_app(settings) -> Iterator[str]:
                 serve.shutdown()
                 if attempt == 2:
                     raise
-        yield f"http://127.0.0.1:{settings.server.port}"
+        yield Served(f"http://127.0.0.1:{settings.server.port}", f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -24,8 +24,8 @@ def served(tmp_path_factory, small_index):
         small_index.directory,
         server={"ingress": {"num_cpus": 0.25, "max_ongoing_requests": 1, "max_queued_requests": 1}},
     )
-    with running_app(settings) as url:
-        yield url
+    with running_app(settings) as app:
+        yield app.url
 
 
 async def test_over_the_limits_gets_429_with_retry_after_and_the_rest_finish(served):

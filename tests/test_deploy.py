@@ -64,7 +64,9 @@ def test_autoscaling_and_placement_options():
     with pytest.raises(ValueError, match="fixed replicas"):
         Settings.model_validate({"server": {"trainer": {"num_cpus": 1, "autoscaling": {"max_replicas": 2}}}})
     with pytest.raises(ValueError, match="max_replicas"):
-        Settings.model_validate({"server": {"ingress": {"num_cpus": 1, "autoscaling": {"min_replicas": 3, "max_replicas": 2}}}})
+        Settings.model_validate(
+            {"server": {"ingress": {"num_cpus": 1, "autoscaling": {"min_replicas": 3, "max_replicas": 2}}}}
+        )
 
 
 def _memory(quantity: str) -> int:

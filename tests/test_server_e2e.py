@@ -45,8 +45,8 @@ def served(tmp_path_factory, small_corpus, minilm, tokenizer):
             "generator": {"max_model_len": 1024, "default_max_tokens": 8, "adapter_dir": str(adapters)},
         }
     )
-    with running_app(settings) as url:
-        yield url, adapters, index_dir
+    with running_app(settings) as app:
+        yield app.url, adapters, index_dir, app
 
 
 @pytest.fixture()
@@ -61,9 +61,8 @@ def engine_adapters() -> int:
 
 
 def no_adapters_left(served) -> bool:
-    metrics = httpx.get(f"{served[0]}/metrics").text
-    live = [line for line in metrics.splitlines() if line.startswith("sift_adapters_live ")]
-    return list(served[1].iterdir()) == [] and live == ["sift_adapters_live 0.0"] and engine_adapters() == 0
+    live = served[3].metric("ray_sift_adapters_live")  # Ray exports every few seconds: None until the first
+    return list(served[1].iterdir()) == [] and live == 0 and engine_adapters() == 0
 
 
 def eventually_no_adapters(served, seconds: float = 60) -> None:
@@ -227,7 +226,13 @@ def test_errors_models_metrics(served):
     missing = httpx.post(f"{url}/v1/chat/completions", json={"model": "nope", "messages": MESSAGES})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == MODEL
-    assert "sift_stage_seconds_bucket" in httpx.get(f"{url}/metrics").text
+    # Under Ray Serve the metrics are Ray's (summed over replicas by Prometheus), not one replica's /metrics.
+    assert httpx.get(f"{url}/metrics").status_code == 404
+    deadline = time.monotonic() + 60
+    while served[3].metric("ray_sift_stage_seconds_count") is None and time.monotonic() < deadline:
+        time.sleep(1)
+    assert served[3].metric("ray_sift_stage_seconds_count") > 0
+    assert served[3].metric("ray_sift_requests_total") > 0
 
 
 def hang_up(url: str, body: dict, marker: str) -> None:

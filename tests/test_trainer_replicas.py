@@ -25,8 +25,8 @@ def served(tmp_path_factory, small_index):
         generator={"default_max_tokens": 4},
         server={"trainer": {"num_cpus": 0.25, "replicas": 2}},
     )
-    with running_app(settings) as url:
-        yield url
+    with running_app(settings) as app:
+        yield app.url
 
 
 async def test_two_trainer_replicas_serve_concurrent_adapted_requests(served):

@@ -16,13 +16,16 @@ from serving.engines.base import Chunk, Generator, Sampling, SamplingDefaults, c
 __all__ = ["Chunk", "Generator", "Sampling", "SamplingDefaults", "context_length", "make_generator"]
 
 
-def make_generator(model_dir: Path, config: GeneratorConfig, adapter_rank: int, device: str) -> Generator:
-    """The configured engine over `model_dir`, able to load adapters of rank `adapter_rank`."""
+def make_generator(
+    model_dir: Path, config: GeneratorConfig, adapter_rank: int, device: str, ray_metrics: bool = False
+) -> Generator:
+    """The configured engine over `model_dir`, able to load adapters of rank `adapter_rank`; with
+    `ray_metrics`, vLLM's own metrics are exported as Ray metrics."""
     device = resolve_device(device)
     if config.engine == "vllm":
         from serving.engines.vllm_engine import VLLMGenerator
 
-        return VLLMGenerator(model_dir, config, adapter_rank, device)
+        return VLLMGenerator(model_dir, config, adapter_rank, device, ray_metrics)
     from serving.engines.transformers_engine import TransformersGenerator
 
     return TransformersGenerator(model_dir, config, device)

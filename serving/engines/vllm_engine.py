@@ -58,7 +58,15 @@ def _logprob_dict(entry, chosen: int | None) -> TokenLogprobs:
 class VLLMGenerator:
     """vLLM AsyncLLM with per-request LoRA adapters."""
 
-    def __init__(self, model_dir: Path, config: GeneratorConfig, adapter_rank: int, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        config: GeneratorConfig,
+        adapter_rank: int,
+        device: str = "cpu",
+        ray_metrics: bool = False,
+    ) -> None:
+        """`ray_metrics`: export vLLM's own metrics (`vllm:*`) as Ray metrics (under Ray Serve)."""
         if device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -79,7 +87,12 @@ class VLLMGenerator:
             gpu_memory_utilization=config.gpu_memory_utilization,
             disable_log_stats=True,
         )
-        self.engine = AsyncLLM.from_engine_args(args)
+        loggers = None
+        if ray_metrics:
+            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+            loggers = [RayPrometheusStatLogger]
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=loggers)
         self._lora_ids = itertools.count(1)
         self.adapter_root = local_adapter_root(config)
 
