@@ -84,7 +84,7 @@ def test_chat_with_adaptation(client, served):
     assert [d["id"].split("#")[0] for d in report["documents"]][0] in ("csv.py", "copy_of_csv.py")
     assert report["timings"]["train"] > 0 and report["timings"]["load_adapter"] > 0
     assert done.usage.completion_tokens == 8 and done.choices[0].message.content
-    assert no_adapters_left(served)
+    eventually_no_adapters(served)
 
 
 def test_streams_plain_and_with_progress(client, served):
@@ -117,7 +117,7 @@ def test_streams_plain_and_with_progress(client, served):
     # Same greedy request, streamed or not, with the same adapter recipe: the same answer.
     again = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0)
     assert again.choices[0].message.content == text
-    assert no_adapters_left(served)
+    eventually_no_adapters(served)
 
 
 def test_completions_echo_logprobs(client):
