@@ -36,7 +36,8 @@ _RESCORE_MARGIN = 16  # extra rows Faiss proposes, re-ranked exactly (see `retri
 
 
 class IndexMismatchError(ValueError):
-    """The index was built with a different embedder (or tokenizer) than the one in use."""
+    """The index was built with a different embedder (or tokenizer) than the one in use, or one of its files
+    is missing or unreadable (the message names the file)."""
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,12 @@ class CorpusIndex:
                 f"{directory} is not a sift-serve index (no manifest.json); build one with "
                 "`sift-serve index build CORPUS --out DIR`"
             )
-        manifest = json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise IndexMismatchError(f"{path} is not valid JSON ({exc}); rebuild the index") from exc
+        if not isinstance(manifest, dict):
+            raise IndexMismatchError(f"{path} is not an index manifest; rebuild the index")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise IndexMismatchError(
                 f"{directory}: index format {manifest.get('format_version')} is not {FORMAT_VERSION}; rebuild it"
@@ -254,13 +260,16 @@ class CorpusIndex:
             raise IndexMismatchError(f"{directory} is a sharded index: open it with selection.shards.load_index")
         if embedder is not None:
             check_embedder(manifest, embedder, directory)
-        index = faiss.read_index(str(directory / "index.faiss"))
+        index = _read(directory / "index.faiss", lambda path: faiss.read_index(str(path)))
         if gpu:
             index = _to_gpu_if_available(index)
-        embeddings = np.load(directory / "embeddings.npy", mmap_mode="r")
+        embeddings = _read(directory / "embeddings.npy", lambda path: np.load(path, mmap_mode="r"))
         if embeddings.shape != (manifest["count"], manifest["dim"]) or index.ntotal != manifest["count"]:
             raise IndexMismatchError(f"{directory}: files disagree with the manifest; rebuild the index")
-        return CorpusIndex(directory, manifest, index, embeddings, DocStore(directory / "docs.sqlite"))
+        store = _read(directory / "docs.sqlite", DocStore.open_checked)
+        if len(store) != manifest["count"]:
+            raise IndexMismatchError(f"{directory / 'docs.sqlite'} holds {len(store)} chunks, not {manifest['count']}")
+        return CorpusIndex(directory, manifest, index, embeddings, store)
 
     def search(self, queries: np.ndarray, k: int) -> Candidates:
         """The k candidates with the largest |cos| for each of the (B, d) queries, with their vectors."""
@@ -277,6 +286,17 @@ class CorpusIndex:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _read(path: Path, reader):
+    """`reader(path)`, or IndexMismatchError naming the file when it is missing or unreadable."""
+    if not path.is_file():
+        raise IndexMismatchError(f"{path} is missing; rebuild the index")
+    try:
+        return reader(path)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise IndexMismatchError(f"{path} is unreadable ({first[:200]}); rebuild the index") from exc
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

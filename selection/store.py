@@ -51,6 +51,17 @@ class DocStore:
         store._conn.execute(_SCHEMA)
         return store
 
+    @classmethod
+    def open_checked(cls, path: Path) -> DocStore:
+        """Open a store and read it once, so that a corrupt file fails here rather than on a request."""
+        store = cls(path)
+        try:
+            len(store)
+        except Exception:
+            store.close()
+            raise
+        return store
+
     def add(self, start_row: int, chunks: Sequence[Chunk], hashes: Sequence[str]) -> None:
         rows = [
             (start_row + i, c.id, c.doc_id, c.source, c.title, c.text, h)
