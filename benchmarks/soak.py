@@ -35,13 +35,14 @@ FLAT = 1.25  # end RSS at most this times the post-warm-up RSS
 _REPLICA = re.compile(rf"ServeReplica:{APP}:(\w+)")
 
 
-def replica_rss() -> dict[str, int]:
-    """Resident bytes of each replica process of the application, its children included, by deployment."""
+def process_rss(pattern: re.Pattern) -> dict[str, int]:
+    """Resident bytes of the processes whose command line matches `pattern`, their children included, keyed by
+    the pattern's first group (Ray names its worker processes after the actor they run)."""
     import psutil
 
     out: dict[str, int] = {}
     for process in psutil.process_iter(["cmdline"]):
-        match = _REPLICA.search(" ".join(process.info["cmdline"] or []))
+        match = pattern.search(" ".join(process.info["cmdline"] or []))
         if not match:
             continue
         try:
@@ -50,6 +51,11 @@ def replica_rss() -> dict[str, int]:
         except psutil.Error:
             continue
     return out
+
+
+def replica_rss() -> dict[str, int]:
+    """Resident bytes of each replica of the application, by deployment."""
+    return process_rss(_REPLICA)
 
 
 def replica_names() -> set[str]:

@@ -5,6 +5,7 @@ engine, so only Ray Serve's limits are under test."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import httpx
@@ -48,3 +49,41 @@ async def test_over_the_limits_gets_429_with_retry_after_and_the_rest_finish(ser
     refused = [(seconds, headers) for status, seconds, headers in outcomes if status == 429]
     assert set(statuses) == {200, 429}, statuses  # 1 ongoing is admitted, 1 more may wait in the queue
     assert all(headers["retry-after"] == "1" and seconds < 1.0 for seconds, headers in refused)
+
+
+async def test_rejected_requests_do_not_grow_memory(served):
+    """Hundreds of refusals while the Ingress is kept busy: the proxy's and the Ingress's memory stay flat."""
+    from benchmarks.soak import process_rss
+
+    watched = re.compile(r"(ProxyActor|ServeReplica:sift-serve:Ingress)")
+    long = {"model": MODEL, "prompt": "import csv", "max_tokens": 400, "ignore_eos": True,
+            "adaptation": {"enabled": False}}  # fmt: skip
+    short = {**long, "max_tokens": 1}
+    busy = asyncio.Event()
+
+    async with httpx.AsyncClient(timeout=120) as client:
+
+        async def keep_busy() -> None:
+            while not busy.is_set():
+                await asyncio.gather(*(client.post(f"{served}/v1/completions", json=long) for _ in range(2)))
+
+        async def refusals(count: int) -> int:
+            refused = 0
+            for _ in range(count // 20):
+                responses = await asyncio.gather(
+                    *(client.post(f"{served}/v1/completions", json=short) for _ in range(20))
+                )
+                refused += sum(r.status_code == 429 for r in responses)
+            return refused
+
+        worker = asyncio.create_task(keep_busy())
+        await asyncio.sleep(1.0)
+        await refusals(100)  # warm-up: connection pools and buffers reach their working size
+        before = process_rss(watched)
+        refused = await refusals(400)
+        after = process_rss(watched)
+        busy.set()
+        await worker
+    assert refused >= 300, refused
+    for name, rss in before.items():
+        assert after[name] <= rss * 1.05 + 16 * 2**20, (name, rss / 2**20, after[name] / 2**20)
