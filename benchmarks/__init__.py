@@ -1,2 +1,2 @@
-"""Benchmarks: selection speed, trainer speed, serving latency, quality (bits per byte) and the corpus
-recipes; each prints its figures and saves them as JSON under results/."""
+"""Benchmarks: selection speed, trainer speed, serving latency, scaling of the cluster path, the soak,
+quality (bits per byte) and the corpus recipes; each prints its figures and saves them as JSON under results/."""

@@ -1,4 +1,5 @@
-"""Selection: which documents to train on for a prompt (SIFT and baselines), embeddings, the Faiss index."""
+"""Selection: which documents to train on for a prompt (SIFT and baselines), embeddings, the Faiss index
+(whole, or in shards merged into one global top-K)."""
 
 from selection.rules import METHODS
 from selection.select import Selection, select, select_batch
