@@ -93,7 +93,11 @@ class HandleClient:
     async def _unless_down(self, work: asyncio.Future, watch: asyncio.Future) -> Any:
         """`work`'s result, or `Unavailable` once a needed deployment has lost its last replica (or the
         replica answering dies)."""
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this request was cancelled (its client went away): so is the call
+            work.cancel()
+            raise
         if not work.done():
             work.cancel()
             raise Unavailable(self.part, self.retry_after_s)
