@@ -22,8 +22,12 @@ from selection.build import default_index_dir, ensure_default_index
 from selection.shards import split_index
 from serving.config import Settings
 
-CONFIGS = [("1 replica, whole index", 1, 1), ("2 replicas, whole index", 2, 1), ("1 replica, 2 shards", 1, 2),
-           ("2 replicas, 2 shards", 2, 2)]  # fmt: skip
+CONFIGS = [
+    ("1 replica, whole index", 1, 1),
+    ("2 replicas, whole index", 2, 1),
+    ("1 replica, 2 shards", 1, 2),
+    ("2 replicas, 2 shards", 2, 2),
+]
 
 
 def main() -> None:
@@ -49,7 +53,7 @@ def main() -> None:
             "max_tokens": args.max_tokens,
             "adaptation": adaptation,
             "ray_logical_cpus": 4,
-        },  # fmt: skip
+        },
         "configs": {},
     }
     for name, replicas, shards in CONFIGS:

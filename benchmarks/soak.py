@@ -75,13 +75,35 @@ def run_locust(url: str, model: str, users: int, duration_s: int, workdir: Path)
     """Run the locust load; returns the aggregated stats row and the failures (one row per class)."""
     prefix = workdir / "soak"
     subprocess.run(
-        [sys.executable, "-m", "locust", "-f", str(Path(__file__).with_name("soak_locustfile.py")), "--headless",
-         "--users", str(users), "--spawn-rate", str(users), "--run-time", f"{duration_s}s", "--stop-timeout", "120",
-         "--host", url, "--only-summary", "--csv", str(prefix), "--exit-code-on-error", "0", "--loglevel", "WARNING"],
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(Path(__file__).with_name("soak_locustfile.py")),
+            "--headless",
+            "--users",
+            str(users),
+            "--spawn-rate",
+            str(users),
+            "--run-time",
+            f"{duration_s}s",
+            "--stop-timeout",
+            "120",
+            "--host",
+            url,
+            "--only-summary",
+            "--csv",
+            str(prefix),
+            "--exit-code-on-error",
+            "0",
+            "--loglevel",
+            "WARNING",
+        ],
         env={**os.environ, "SOAK_MODEL": model},
         check=True,
         timeout=duration_s + 600,
-    )  # fmt: skip
+    )
     with open(f"{prefix}_stats.csv") as f:
         rows = list(csv.DictReader(f))
     with open(f"{prefix}_failures.csv") as f:

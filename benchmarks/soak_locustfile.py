@@ -66,8 +66,13 @@ class Client(HttpUser):
 
     @task(3)
     def chat_plain_stream(self) -> None:
-        body = {"model": MODEL, "messages": _messages(), "max_tokens": 8, "stream": True,
-                "adaptation": {"enabled": False}}  # fmt: skip
+        body = {
+            "model": MODEL,
+            "messages": _messages(),
+            "max_tokens": 8,
+            "stream": True,
+            "adaptation": {"enabled": False},
+        }
         with self.client.post(
             "/v1/chat/completions", json=body, name="chat plain stream", stream=True, catch_response=True
         ) as r:

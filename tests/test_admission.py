@@ -56,8 +56,13 @@ async def test_rejected_requests_do_not_grow_memory(served):
     from benchmarks.soak import process_rss
 
     watched = re.compile(r"(ProxyActor|ServeReplica:sift-serve:Ingress)")
-    long = {"model": MODEL, "prompt": "import csv", "max_tokens": 400, "ignore_eos": True,
-            "adaptation": {"enabled": False}}  # fmt: skip
+    long = {
+        "model": MODEL,
+        "prompt": "import csv",
+        "max_tokens": 400,
+        "ignore_eos": True,
+        "adaptation": {"enabled": False},
+    }
     short = {**long, "max_tokens": 1}
     busy = asyncio.Event()
 

@@ -180,8 +180,14 @@ def cluster(small_index, tmp_path_factory) -> Iterator[Cluster]:
         c.head.start()
         wait_for("the head node", lambda: len(c.nodes()) == 1, 120)
         address = f"127.0.0.1:{c.gcs}"
-        c.cli("serve", "start", f"--address={address}", "--http-host=127.0.0.1", f"--http-port={c.http}",
-              "--proxy-location=HeadOnly")  # fmt: skip
+        c.cli(
+            "serve",
+            "start",
+            f"--address={address}",
+            "--http-host=127.0.0.1",
+            f"--http-port={c.http}",
+            "--proxy-location=HeadOnly",
+        )
         c.cli("serve", "deploy", str(ROOT / "deploy" / "serve_config.yaml"), f"--address={c.dashboard_url}")
         # The GPU node joins once the CPU side runs, so that the Ingress (which may run anywhere) is on the head
         # and the worker's two CPUs are left to the Trainer and Generator, which can only run there.
