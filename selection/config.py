@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from infra.config import Strict, default_cache_dir
-from selection.stopping import MIN_LAMBDA
+from selection.stopping import DEFAULT_MIN_GAIN, MIN_LAMBDA
 
 
 class ModelsConfig(Strict):
@@ -49,4 +49,12 @@ class SelectionConfig(Strict):
     lambda_: float = Field(0.01, ge=MIN_LAMBDA, alias="lambda")
     candidates: int = Field(200, gt=0, le=10000, description="K: documents retrieved from Faiss by |cos|")
     max_picks: int = Field(50, gt=0, le=1000, description="N: most documents picked")
-    alpha: float | None = Field(None, gt=0, description="adaptive stopping: stop once sigma_n > 1/(alpha n)")
+    min_gain: float = Field(
+        DEFAULT_MIN_GAIN,
+        ge=0,
+        description="stop training once a step no longer removes this share of the prompt's uncertainty "
+        "per 1,000 tokens it trains on (SIFT's predicted gain; 0 trains every step up to max_steps)",
+    )
+    alpha: float | None = Field(
+        None, gt=0, description="the paper's rule instead or as well: stop once sigma_n > 1/(alpha n)"
+    )

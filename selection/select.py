@@ -16,7 +16,7 @@ import torch
 
 from selection.kernel import ConditionedKernel
 from selection.rules import METHODS, make_rule
-from selection.stopping import MIN_LAMBDA, StopReason, stops_before
+from selection.stopping import MIN_LAMBDA, StopReason, gain_stops_before, stops_before
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def _prepare(
     return padded, mask, source_dtype
 
 
-def _check_scalars(n: int, method: str, lambda_: float, alpha: float | None) -> None:
+def _check_scalars(n: int, method: str, lambda_: float, alpha: float | None, min_step_gain: float | None) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if method not in METHODS:
@@ -93,6 +93,10 @@ def _check_scalars(n: int, method: str, lambda_: float, alpha: float | None) -> 
         raise ValueError(f"lambda_ must be a finite number >= {MIN_LAMBDA} (float32 precision), got {lambda_!r}")
     if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a positive finite number or None, got {alpha!r}")
+    if min_step_gain is not None and not (
+        isinstance(min_step_gain, (int, float)) and math.isfinite(min_step_gain) and min_step_gain >= 0
+    ):
+        raise ValueError(f"min_step_gain must be a non-negative finite number or None, got {min_step_gain!r}")
 
 
 def select_batch(
@@ -103,6 +107,7 @@ def select_batch(
     lambda_: float = 0.01,
     alpha: float | None = None,
     *,
+    min_step_gain: float | None = None,
     keys: Sequence[Sequence[Hashable]] | None = None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
@@ -110,13 +115,14 @@ def select_batch(
     """Select up to `n` candidates for each of B prompts at once.
 
     targets: (B, d), (B, m, d), or a list of (d,) / (m_b, d) tensors; candidates: (B, K, d) or a list of
-    (K_b, d) tensors. Embeddings are used as given (no normalisation). With `alpha`, a prompt stops
-    before pick n as soon as sigma_n > 1 / (alpha * n) (compute-proportional stopping); the pick that
-    violates the rule is not returned. `keys` (per prompt, per candidate) define duplicates for `nn_f`;
+    (K_b, d) tensors. Embeddings are used as given (no normalisation). With `min_step_gain`, a prompt
+    stops before the first pick that removes less than that share of its prior variance; with `alpha`,
+    before pick n as soon as sigma_n > 1 / (alpha * n) (`selection.stopping`); the pick that fails a
+    rule is not returned. `keys` (per prompt, per candidate) define duplicates for `nn_f`;
     `seed` drives `random`. The arithmetic runs on the candidates' device in `dtype` (default: the
     embeddings' own dtype; float64 inputs get float64 throughout).
     """
-    _check_scalars(n, method, lambda_, alpha)
+    _check_scalars(n, method, lambda_, alpha, min_step_gain)
     t_pad, t_mask, t_dtype = _prepare(targets, "target", dtype)
     c_pad, c_mask, c_dtype = _prepare(candidates, "candidates", dtype)
     if t_pad.shape[0] != c_pad.shape[0]:
@@ -133,18 +139,25 @@ def select_batch(
     rule = make_rule(method, kernel, keys, seed)
     batch = c_pad.shape[0]
     active = torch.ones(batch, dtype=torch.bool, device=device)
-    stopped_by_alpha = torch.zeros_like(active)
+    stopped_by = {StopReason.MIN_GAIN: torch.zeros_like(active), StopReason.ALPHA: torch.zeros_like(active)}
+    prior = kernel.variance().clone()
     picks_per_step, active_per_step, ktt_per_step = [], [], [kernel.ktt]
     for step in range(n):
         picks, available = rule.pick(kernel, step)
         if available is not None:
             active = active & available
-        if alpha is not None:
-            after = kernel.variance() - kernel.variance_reduction_at(picks)
-            violates = active & stops_before(after.clamp_min(0).sqrt(), step + 1, alpha)
-            stopped_by_alpha |= violates
-            active = active & ~violates
-        if available is not None or alpha is not None:
+        if alpha is not None or min_step_gain is not None:
+            before = kernel.variance()
+            after = before - kernel.variance_reduction_at(picks)
+            if min_step_gain is not None:
+                fails = active & gain_stops_before(prior, before, after, min_step_gain)
+                stopped_by[StopReason.MIN_GAIN] |= fails
+                active = active & ~fails
+            if alpha is not None:
+                fails = active & stops_before(after.clamp_min(0).sqrt(), step + 1, alpha)
+                stopped_by[StopReason.ALPHA] |= fails
+                active = active & ~fails
+        if available is not None or alpha is not None or min_step_gain is not None:
             if not bool(active.any()):
                 break
             kernel.condition(picks, active)
@@ -158,12 +171,13 @@ def select_batch(
     all_picks = torch.stack(picks_per_step, 1).cpu() if steps else torch.empty(batch, 0, dtype=torch.long)
     counts = (torch.stack(active_per_step, 1).sum(1) if steps else torch.zeros(batch, dtype=torch.long)).cpu()
     all_variances = torch.stack(ktt_per_step, 1).sum(-1).cpu()  # (B, steps + 1)
-    stopped_by_alpha = stopped_by_alpha.cpu()
+    stopped_by = {reason: mask.cpu() for reason, mask in stopped_by.items()}
     results = []
     for b in range(batch):
         count = int(counts[b])
-        if stopped_by_alpha[b]:
-            reason = StopReason.ALPHA
+        early = [reason for reason, mask in stopped_by.items() if mask[b]]
+        if early:
+            reason = early[0]
         elif count < n:
             reason = StopReason.EXHAUSTED
         else:
@@ -187,6 +201,7 @@ def select(
     lambda_: float = 0.01,
     alpha: float | None = None,
     *,
+    min_step_gain: float | None = None,
     keys: Sequence[Hashable] | None = None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
@@ -203,6 +218,7 @@ def select(
         method=method,
         lambda_=lambda_,
         alpha=alpha,
+        min_step_gain=min_step_gain,
         keys=[keys] if keys is not None else None,
         seed=seed,
         dtype=dtype,

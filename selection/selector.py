@@ -17,7 +17,7 @@ from selection.embed import Embedder
 from selection.index import CorpusIndex
 from selection.select import select_batch
 from selection.shards import ShardedIndex
-from selection.stopping import StopReason
+from selection.stopping import StopReason, step_threshold
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,12 @@ class Selector:
         alpha: float | None = None,
         candidates: int = 200,
         seed: int = 0,
+        min_gain: float | None = None,
+        step_tokens: int = 1000,
     ) -> list[SelectionResult]:
-        """Pick up to `n` documents for each prompt among its `candidates` nearest by |cos|."""
+        """Pick up to `n` documents for each prompt among its `candidates` nearest by |cos|; stop early where
+        a step of `step_tokens` tokens no longer removes `min_gain` of the prompt's uncertainty per 1,000
+        tokens, or by the paper's `alpha` rule (`selection.stopping`)."""
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError("every prompt must be a non-empty string")
         if candidates <= 0:
@@ -90,7 +94,15 @@ class Selector:
         # NN-F's duplicates are identical texts, recognised by the store's text hashes.
         keys = [[c.hash for c in self.index.chunks(rows)] for rows in row_sets] if method == "nn_f" else None
         selections = select_batch(
-            targets, cand_sets, n, method=method, lambda_=lambda_, alpha=alpha, keys=keys, seed=seed
+            targets,
+            cand_sets,
+            n,
+            method=method,
+            lambda_=lambda_,
+            alpha=alpha,
+            min_step_gain=None if min_gain is None else step_threshold(min_gain, step_tokens),
+            keys=keys,
+            seed=seed,
         )
         results = []
         for b, sel in enumerate(selections):

@@ -1,9 +1,23 @@
-"""When adaptation stops: the one vocabulary of stop reasons, and the compute-proportional rule.
+"""When adaptation stops: the one vocabulary of stop reasons, and the two early-stopping rules.
 
-Stop before step n as soon as sigma_n > 1 / (alpha * n), where sigma_n = sqrt(sigma^2_{X_n}(x*)) is the
-prompt's posterior standard deviation after n picks: the next step is only worth its compute while the
-uncertainty it leaves shrinks at least as fast as 1/n. The rule is applied inside the greedy selection
-loop (so no selection work is spent past the stop); the trainer trains on exactly what was selected.
+The predicted-gain rule (the default). Step n trains on pick x_n; SIFT predicts its gain as the share of
+the prompt's prior uncertainty that the pick removes,
+
+    g_n = (sigma^2_{n-1}(x*) - sigma^2_n(x*)) / sigma^2_0(x*),
+
+and the step costs its training tokens t. Stop before step n as soon as
+
+    g_n < min_gain * t / 1000,
+
+i.e. once a step no longer removes `min_gain` of the prompt's uncertainty per 1,000 tokens it trains on.
+A share of the prior is a scale that carries over between corpora and embedders (an absolute sigma does
+not); the threshold's default is calibrated by the quality benchmark on dev prompts (README, Quality).
+
+The paper's compute-proportional rule, kept as an option: stop before step n as soon as
+sigma_n > 1 / (alpha * n), with sigma_n = sqrt(sigma^2_n(x*)).
+
+Both are applied inside the greedy selection loop (no selection work is spent past the stop; the pick
+that fails the rule is not returned), so the trainer trains on exactly what was selected.
 
 `StopReason` runs from selection through training to the response's `adaptation.stop_reason`.
 """
@@ -19,6 +33,11 @@ MIN_LAMBDA = 1e-4
 computed as 1 - 1/(1 + lambda'), whose rounding error (~6e-8) must stay small against lambda'."""
 
 
+DEFAULT_MIN_GAIN = 0.05
+"""The default `min_gain`: calibrated by `benchmarks/quality.py` on dev prompts (never the reported ones)
+as the largest threshold that keeps 90% of the gain of training every step; README, Quality."""
+
+
 class StopReason(StrEnum):
     """Why adaptation ended where it did."""
 
@@ -26,8 +45,10 @@ class StopReason(StrEnum):
     """Adaptation was off for this request (by the request or the operator)."""
     MAX_STEPS = "max_steps"
     """The step limit was reached (`max_steps`, or the selection's pick limit where that is lower)."""
+    MIN_GAIN = "min_gain"
+    """The next step's predicted gain no longer paid for its tokens (the default rule)."""
     ALPHA = "alpha"
-    """Adaptive SIFT: the next step's predicted uncertainty reduction no longer paid for its compute."""
+    """The paper's rule: sigma_n > 1/(alpha n)."""
     EXHAUSTED = "exhausted"
     """No candidate was left to pick (fixed-order baselines over a short candidate list)."""
     TIME_BUDGET = "time_budget"
@@ -41,3 +62,16 @@ class StopReason(StrEnum):
 def stops_before(sigma_n: float | torch.Tensor, n: int, alpha: float) -> bool | torch.Tensor:
     """True (elementwise for tensors) where step n should not be taken."""
     return sigma_n > 1.0 / (alpha * n)
+
+
+def step_threshold(min_gain: float, step_tokens: int) -> float:
+    """The least share of the prior variance one step of `step_tokens` tokens must remove."""
+    return min_gain * step_tokens / 1000.0
+
+
+def gain_stops_before(
+    prior: torch.Tensor, before: torch.Tensor, after: torch.Tensor, min_step_gain: float
+) -> torch.Tensor:
+    """True (elementwise) where the pick taking the variance from `before` to `after` removes less than
+    `min_step_gain` of the `prior` variance."""
+    return (before - after) < min_step_gain * prior

@@ -149,7 +149,10 @@ def select_cmd(
     n: Annotated[int | None, typer.Option("-n", help="most documents to pick")] = None,
     method: Annotated[str | None, typer.Option(help="sift, nn, nn_f, uncertainty or random")] = None,
     lambda_: Annotated[float | None, typer.Option("--lambda", help="SIFT's lambda'")] = None,
-    alpha: Annotated[float | None, typer.Option(help="adaptive stopping strength")] = None,
+    min_gain: Annotated[
+        float | None, typer.Option(help="stop once a pick removes less than this share of uncertainty per 1k tokens")
+    ] = None,
+    alpha: Annotated[float | None, typer.Option(help="the paper's stopping rule, sigma_n > 1/(alpha n)")] = None,
     candidates: Annotated[int | None, typer.Option("-k", "--candidates", help="K retrieved by |cos|")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     config: ConfigOption = None,
@@ -167,6 +170,7 @@ def select_cmd(
         selection__max_picks=n,
         selection__method=method,
         selection__lambda_=lambda_,
+        selection__min_gain=min_gain,
         selection__alpha=alpha,
         selection__candidates=candidates,
     )
@@ -191,6 +195,8 @@ def select_cmd(
             lambda_=sel.lambda_,
             alpha=sel.alpha,
             candidates=sel.candidates,
+            min_gain=sel.min_gain,
+            step_tokens=settings.trainer.max_train_tokens,
         )[0]
     except ValueError as exc:
         raise _fail(str(exc)) from exc

@@ -40,12 +40,15 @@ class AdaptationPlan:
     """Most documents selection may pick: max_steps, or selection.max_picks where that is lower."""
     method: str
     lambda_: float
+    min_gain: float
     alpha: float | None
     candidates: int
     learning_rate: float | None
     max_train_tokens: int | None
     time_budget_s: float | None
     progress: bool
+    step_tokens: int
+    """Tokens one step trains on at most: the compute the predicted-gain rule prices."""
 
 
 def plan_adaptation(options: AdaptationOptions | None, settings: Settings) -> AdaptationPlan:
@@ -75,12 +78,14 @@ def plan_adaptation(options: AdaptationOptions | None, settings: Settings) -> Ad
         picks=min(max_steps, sel.max_picks),
         method=pick(opts.method, sel.method),
         lambda_=pick(opts.lambda_, sel.lambda_),
+        min_gain=pick(opts.min_gain, sel.min_gain),
         alpha=pick(opts.alpha, sel.alpha),
         candidates=pick(opts.candidates, sel.candidates),
         learning_rate=opts.learning_rate,
         max_train_tokens=opts.max_train_tokens,
         time_budget_s=opts.time_budget_s,
         progress=opts.progress,
+        step_tokens=pick(opts.max_train_tokens, tr.max_train_tokens),
     )
 
 
@@ -232,7 +237,16 @@ class Pipeline:
     async def _select(self, job: Job) -> SelectionResult:
         plan = job.plan
         started = time.monotonic()
-        query = SelectQuery(job.query, plan.picks, plan.method, plan.lambda_, plan.alpha, plan.candidates)
+        query = SelectQuery(
+            job.query,
+            plan.picks,
+            plan.method,
+            plan.lambda_,
+            plan.alpha,
+            plan.candidates,
+            plan.min_gain,
+            plan.step_tokens,
+        )
         picked: SelectionResult = await self.selector.call("select", query)
         job.report.timings.select = time.monotonic() - started
         self.metrics.stage("select", job.report.timings.select)

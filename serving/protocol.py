@@ -59,7 +59,10 @@ class AdaptationOptions(_Strict):
 
     enabled: bool | None = None
     max_steps: int | None = Field(None, ge=0)
-    alpha: float | None = Field(None, gt=0, description="adaptive SIFT: stop once sigma_n > 1/(alpha n)")
+    min_gain: float | None = Field(
+        None, ge=0, description="stop once a step removes less than this share of uncertainty per 1,000 tokens"
+    )
+    alpha: float | None = Field(None, gt=0, description="the paper's rule: stop once sigma_n > 1/(alpha n)")
     lambda_: float | None = Field(None, ge=MIN_LAMBDA, alias="lambda")
     candidates: int | None = Field(None, ge=1)
     learning_rate: float | None = Field(None, gt=0, le=1)

