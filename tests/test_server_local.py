@@ -85,6 +85,24 @@ def sse_events(text: str) -> list[dict]:
     return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
 
 
+async def test_the_predicted_gain_rule_stops_adaptation(client, server):
+    """A price no step can pay: selection stops before the first pick and the base model answers; at
+    min_gain 0 every step up to max_steps is trained."""
+    extra = {"adaptation": {"min_gain": 1000.0, "max_steps": 3}}
+    done = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, extra_body=extra)
+    report = done.model_extra["adaptation"]
+    assert (report["steps"], report["stop_reason"], report["adapter"], report["documents"]) == (
+        0,
+        "min_gain",
+        False,
+        [],
+    )
+    assert len(report["sigma2"]) == 1 and done.choices[0].message.content is not None
+    extra = {"adaptation": {"min_gain": 0.0, "max_steps": 3}}
+    done = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, extra_body=extra)
+    assert done.model_extra["adaptation"]["steps"] == 3 and done.model_extra["adaptation"]["stop_reason"] == "max_steps"
+
+
 async def test_chat_with_and_without_adaptation(client, server):
     done = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, temperature=0)
     report = done.model_extra["adaptation"]
@@ -215,6 +233,7 @@ async def test_sampling_extensions_reach_the_engine(client):
     [
         ({"adaptation": {"max_step": 2}}, 400, "adaptation.max_step"),
         ({"adaptation": {"alpha": -1}}, 400, "adaptation.alpha"),
+        ({"adaptation": {"min_gain": -0.5}}, 400, "adaptation.min_gain"),
         ({"adaptation": {"lambda": 1e-8}}, 400, "adaptation.lambda"),
         ({"adaptation": {"max_steps": 9}}, 400, "server.limits.max_steps"),
         ({"adaptation": {"candidates": 51}}, 400, "server.limits.candidates"),
