@@ -400,6 +400,7 @@ def adaptive_vs_uniform(reported: dict, config: Config) -> dict:
         "uniform": statistics.mean(uniform),
         "all_steps": statistics.mean(p["sift"]["final"]["bpb"] for p in prompts),
         "base": statistics.mean(p["base"]["final"]["bpb"] for p in prompts),
+        "ci": [test["ci_low"], test["ci_high"]],
         "test": test,
         "curve_uniform": curve_uniform,
         "curve_adaptive": curve_adaptive,

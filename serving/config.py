@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextvars import ContextVar
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,15 @@ from infra.config import Strict
 from selection.config import IndexConfig, ModelsConfig, SelectionConfig
 
 
+class ContextMode(StrEnum):
+    """Where the selected documents go besides training."""
+
+    NONE = "none"
+    """Only into the adapter (test-time training)."""
+    PREPEND = "prepend"
+    """Also into the prompt, before the user's text (in-context retrieval), up to a token budget."""
+
+
 class GeneratorConfig(Strict):
     """The engine that answers."""
 
@@ -34,6 +44,10 @@ class GeneratorConfig(Strict):
     kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.8, gt=0, le=1)
     default_max_tokens: int = Field(64, ge=1, description="max_tokens for chat requests that set none")
+    context: ContextMode = Field(ContextMode.NONE, description="prepend: selected documents also go into the prompt")
+    context_tokens: int = Field(
+        600, ge=1, description="most prompt tokens the prepended documents may add (whole documents only)"
+    )
     adapter_dir: Path | None = Field(
         None, description="where this node writes the adapters it loads (default: tmpfs, /dev/shm, if present)"
     )
@@ -84,6 +98,7 @@ class AdaptationLimits(Strict):
     time_budget_s: float = Field(120.0, gt=0)
     max_train_tokens: int = Field(1024, ge=2, le=32768)
     n: int = Field(8, ge=1, le=128, description="most choices per request")
+    context_tokens: int = Field(2048, ge=1, description="most prompt tokens prepended documents may add")
 
 
 class ServerConfig(Strict):
@@ -171,6 +186,7 @@ class Settings(BaseSettings):
             ("trainer.max_train_tokens", self.trainer.max_train_tokens, "max_train_tokens"),
             ("trainer.time_budget_s", self.trainer.time_budget_s, "time_budget_s"),
             ("selection.candidates", self.selection.candidates, "candidates"),
+            ("generator.context_tokens", self.generator.context_tokens, "context_tokens"),
         ]
         for name, value, limit in pairs:
             if value is not None and value > getattr(limits, limit):

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 
 from adapters.trainer import TrainStep
 from serving.clients import LocalClient
-from serving.config import Settings
+from serving.config import ContextMode, Settings
+from serving.context import PREAMBLE, as_text, fit
 from serving.engines import Chunk, SamplingDefaults
 from serving.errors import APIError, bad_request
 from serving.formats import ChatFormat, CompletionFormat, Output
@@ -97,13 +98,16 @@ class OpenAIServer:
 
     # ---- request preparation -----------------------------------------------------------------------
 
-    def _chat_prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
+    def _chat_prompt_ids(self, req: ChatCompletionRequest, documents: Sequence[str] = ()) -> list[int]:
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
+        if documents:
+            messages.insert(0, {"role": "system", "content": PREAMBLE + "\n\n" + as_text(documents).strip()})
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    def _completion_prompt_ids(self, req: CompletionRequest) -> list[int]:
-        return list(self.tokenizer(req.prompt, add_special_tokens=True).input_ids)
+    def _completion_prompt_ids(self, req: CompletionRequest, documents: Sequence[str] = ()) -> list[int]:
+        text = as_text(documents) + req.prompt if documents else req.prompt
+        return list(self.tokenizer(text, add_special_tokens=True).input_ids)
 
     def _job(
         self, req: ChatCompletionRequest | CompletionRequest, request_id: str, prompt_ids: list[int], default_max: int
@@ -111,23 +115,32 @@ class OpenAIServer:
         if req.n > self.settings.server.limits.n:
             raise bad_request(f"n is {req.n}; this server allows at most {self.settings.server.limits.n}", "n")
         param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
-        room = self.max_model_len - len(prompt_ids)
+        plan = plan_adaptation(req.adaptation, self.settings)
+        context = plan.context_tokens if plan.enabled and plan.context is ContextMode.PREPEND else 0
+        if context and getattr(req, "echo", False):
+            raise bad_request(
+                "echo returns the prompt as sent; with adaptation.context 'prepend' the model would see "
+                "documents before it. Send one or the other.",
+                "adaptation.context",
+            )
+        room = self.max_model_len - len(prompt_ids) - context
+        used = f"the prompt has {len(prompt_ids)}" + (
+            f" and documents may add {context} (adaptation.context_tokens)" if context else ""
+        )
         if room <= 0:
             raise bad_request(
-                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                f"{len(prompt_ids)}.",
+                f"This model's maximum context length is {self.max_model_len} tokens; {used}.",
                 param,
                 "context_length_exceeded",
             )
         limit = req.token_limit
         if limit is not None and limit > room:
             raise bad_request(
-                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                f"{len(prompt_ids)} and {limit} more were requested.",
+                f"This model's maximum context length is {self.max_model_len} tokens; {used}, and {limit} more "
+                "were requested.",
                 "max_tokens",
                 "context_length_exceeded",
             )
-        plan = plan_adaptation(req.adaptation, self.settings)
         query = req.query()
         if plan.enabled and not query.strip():
             raise bad_request(
@@ -136,7 +149,13 @@ class OpenAIServer:
                 param,
             )
         sampling = req.to_sampling(limit if limit is not None else min(default_max, room), self.sampling_defaults)
-        return Job(request_id or uuid.uuid4().hex, query, prompt_ids, sampling, plan)
+        job = Job(request_id or uuid.uuid4().hex, query, prompt_ids, sampling, plan)
+        if context:
+            render = self._chat_prompt_ids if isinstance(req, ChatCompletionRequest) else self._completion_prompt_ids
+            job.with_context = lambda documents, budget: fit(
+                documents, budget, lambda docs: render(req, docs), len(prompt_ids)
+            )
+        return job
 
     # ---- routes ------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -20,7 +20,7 @@ from adapters.handle import AdapterBlob
 from adapters.trainer import TrainerBusyError, TrainRequest, TrainResult, TrainStep
 from selection.selector import SelectionResult
 from selection.stopping import StopReason
-from serving.config import Settings
+from serving.config import ContextMode, Settings
 from serving.engines import Chunk, Sampling
 from serving.errors import APIError, bad_request
 from serving.metrics import Metrics
@@ -37,7 +37,8 @@ class AdaptationPlan:
     enabled: bool
     max_steps: int
     picks: int
-    """Most documents selection may pick: max_steps, or selection.max_picks where that is lower."""
+    """Most documents selection may pick: max_steps, or selection.max_picks where that is lower; with
+    documents in the context, selection.max_picks (the context fills from them)."""
     method: str
     lambda_: float
     min_gain: float
@@ -47,6 +48,8 @@ class AdaptationPlan:
     max_train_tokens: int | None
     time_budget_s: float | None
     progress: bool
+    context: ContextMode
+    context_tokens: int
     step_tokens: int
     """Tokens one step trains on at most: the compute the predicted-gain rule prices."""
 
@@ -58,7 +61,7 @@ def plan_adaptation(options: AdaptationOptions | None, settings: Settings) -> Ad
     limits, server = settings.server.limits, settings.server
     if opts.enabled and not server.adaptation_enabled:
         raise bad_request("adaptation is switched off on this server", "adaptation.enabled", "adaptation_disabled")
-    for name in ("max_steps", "candidates", "time_budget_s", "max_train_tokens"):
+    for name in ("max_steps", "candidates", "time_budget_s", "max_train_tokens", "context_tokens"):
         value, cap = getattr(opts, name), getattr(limits, name)
         if value is not None and value > cap:
             raise bad_request(
@@ -66,16 +69,17 @@ def plan_adaptation(options: AdaptationOptions | None, settings: Settings) -> Ad
                 f"adaptation.{name}",
                 "limit_exceeded",
             )
-    sel, tr = settings.selection, settings.trainer
+    sel, tr, gen = settings.selection, settings.trainer, settings.generator
 
     def pick(value, default):
         return default if value is None else value
 
     max_steps = pick(opts.max_steps, tr.max_steps)
+    context = pick(opts.context, gen.context)
     return AdaptationPlan(
         enabled=pick(opts.enabled, server.adaptation_enabled),
         max_steps=max_steps,
-        picks=min(max_steps, sel.max_picks),
+        picks=sel.max_picks if context is ContextMode.PREPEND else min(max_steps, sel.max_picks),
         method=pick(opts.method, sel.method),
         lambda_=pick(opts.lambda_, sel.lambda_),
         min_gain=pick(opts.min_gain, sel.min_gain),
@@ -85,6 +89,8 @@ def plan_adaptation(options: AdaptationOptions | None, settings: Settings) -> Ad
         max_train_tokens=opts.max_train_tokens,
         time_budget_s=opts.time_budget_s,
         progress=opts.progress,
+        context=context,
+        context_tokens=pick(opts.context_tokens, gen.context_tokens),
         step_tokens=pick(opts.max_train_tokens, tr.max_train_tokens),
     )
 
@@ -100,6 +106,15 @@ class Job:
     sampling: Sampling
     plan: AdaptationPlan
     report: AdaptationReport = field(default_factory=AdaptationReport)
+    with_context: Callable[[list[str], int], tuple[list[int], int]] | None = None
+    """For `context: prepend`: the prompt ids with as many of the given documents (in order) placed
+    before the prompt as fit the token budget, and how many that was."""
+
+    @property
+    def selects(self) -> bool:
+        """Whether this job runs selection: to train, or to fill its context."""
+        plan = self.plan
+        return plan.enabled and (plan.max_steps > 0 or plan.context is ContextMode.PREPEND)
 
 
 @dataclass(frozen=True)
@@ -150,8 +165,12 @@ class Pipeline:
 
     def check(self, job: Job) -> None:
         """Refuse now (`Unavailable`, 503) if a part this job needs has no running replica."""
-        adapts = job.plan.enabled and job.plan.max_steps > 0
-        for client in (self.selector, self.trainer, self.generator) if adapts else (self.generator,):
+        parts = [self.generator]
+        if job.selects:
+            parts.append(self.selector)
+        if job.plan.enabled and job.plan.max_steps > 0:
+            parts.append(self.trainer)
+        for client in parts:
             client.check()
 
     async def run(self, job: Job) -> AsyncIterator[Event]:
@@ -176,7 +195,7 @@ class Pipeline:
     async def _adapt(self, job: Job, lease: _Lease) -> AsyncIterator[Selected | TrainStep]:
         plan, report = job.plan, job.report
         report.enabled = plan.enabled
-        if not plan.enabled or plan.max_steps == 0:
+        if not job.selects:
             report.stop_reason = StopReason.DISABLED if not plan.enabled else StopReason.MAX_STEPS
             return
         try:
@@ -187,8 +206,17 @@ class Pipeline:
             log.exception("selection failed")
             self._failed(report, "selection failed")
             return
+        if plan.context is ContextMode.PREPEND and job.with_context is not None:
+            texts = [d.text for d in picked.documents]
+            before = len(job.prompt_ids)
+            job.prompt_ids, used = job.with_context(texts, plan.context_tokens)
+            report.context = report.documents[:used]
+            report.context_tokens = len(job.prompt_ids) - before
         yield Selected(report.documents, report.sigma2, picked.stop_reason)
         report.stop_reason = picked.stop_reason
+        if plan.max_steps == 0:
+            report.stop_reason = StopReason.MAX_STEPS
+            return
         if not picked.documents:
             return
         request = TrainRequest(

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from selection.stopping import MIN_LAMBDA, StopReason
+from serving.config import ContextMode
 from serving.engines.base import Sampling, SamplingDefaults
 
 Method = Literal["sift", "nn", "nn_f", "uncertainty", "random"]
@@ -69,6 +70,10 @@ class AdaptationOptions(_Strict):
     max_train_tokens: int | None = Field(None, ge=2)
     time_budget_s: float | None = Field(None, gt=0)
     method: Method | None = None
+    context: ContextMode | None = Field(
+        None, description="prepend: the selected documents also go before the prompt (max_steps 0: only there)"
+    )
+    context_tokens: int | None = Field(None, ge=1, description="most prompt tokens the prepended documents add")
     progress: bool = Field(False, description="stream `selected` and per-step events before the first token")
 
 
@@ -97,6 +102,10 @@ class AdaptationReport(BaseModel):
     stop_reason: StopReason = StopReason.DISABLED
     adapter: bool = False
     losses: list[float] = Field(default_factory=list)
+    context: list[DocumentRef] = Field(
+        default_factory=list, description="documents placed before the prompt (context: prepend), in order"
+    )
+    context_tokens: int = Field(0, description="prompt tokens the prepended documents added")
     timings: StageTimings = Field(default_factory=StageTimings)
     error: str | None = None
 

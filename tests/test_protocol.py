@@ -61,3 +61,18 @@ def test_one_prompt_per_completion_request():
         CompletionRequest(model="m", prompt=["a", "b"])
     with pytest.raises(ValidationError, match="suffix"):
         CompletionRequest(model="m", prompt="a", suffix="b")
+
+
+def test_context_fit_takes_the_longest_prefix_within_the_budget():
+    from serving.context import fit
+
+    rendered = []
+
+    def render(docs):
+        rendered.append(len(docs))
+        return [0] * (10 + sum(len(d) for d in docs))
+
+    docs = ["aaaa", "bbbbbb", "cc", "dddddddd"]
+    assert fit(docs, 12, render, base=10) == ([0] * 22, 3)
+    assert fit(docs, 100, render, base=10)[1] == 4 and fit(docs, 3, render, base=10) == ([0] * 10, 0)
+    assert max(rendered) <= 4 and len(rendered) < 12  # bisection, not one rendering per prefix

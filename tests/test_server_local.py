@@ -39,6 +39,7 @@ def settings(tmp_path_factory, small_index) -> Settings:
                 "engine": "transformers",
                 "max_model_len": 256,
                 "default_max_tokens": 8,
+                "context_tokens": 160,
                 "adapter_dir": str(tmp_path_factory.mktemp("adapters")),
             },
             "server": {"limits": {"max_steps": 8, "candidates": 50}},
@@ -101,6 +102,40 @@ async def test_the_predicted_gain_rule_stops_adaptation(client, server):
     extra = {"adaptation": {"min_gain": 0.0, "max_steps": 3}}
     done = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, extra_body=extra)
     assert done.model_extra["adaptation"]["steps"] == 3 and done.model_extra["adaptation"]["stop_reason"] == "max_steps"
+
+
+async def test_documents_in_the_context_with_and_without_training(client, server):
+    plain = await client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"adaptation": {"enabled": False}}
+    )
+    only = await client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"adaptation": {"context": "prepend", "max_steps": 0}}
+    )
+    report = only.model_extra["adaptation"]
+    assert report["context"] and report["context"] == report["documents"][: len(report["context"])]
+    assert 0 < report["context_tokens"] <= 160 and (report["steps"], report["adapter"]) == (0, False)
+    assert only.usage.prompt_tokens == plain.usage.prompt_tokens + report["context_tokens"]
+    both = await client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=2,
+        extra_body={"adaptation": {"context": "prepend", "context_tokens": 150, "max_steps": 2}},
+    )
+    report = both.model_extra["adaptation"]
+    assert report["steps"] == 2 and report["adapter"] and 0 < report["context_tokens"] <= 150
+    assert adapters_left(server) == []
+    completion = await client.completions.create(
+        model=MODEL,
+        prompt="import csv",
+        max_tokens=2,
+        extra_body={"adaptation": {"context": "prepend", "max_steps": 0}},
+    )
+    report = completion.model_extra["adaptation"]
+    assert report["context"] and completion.usage.prompt_tokens > report["context_tokens"] > 0
+    with pytest.raises(openai.BadRequestError, match="adaptation.context"):
+        await client.completions.create(
+            model=MODEL, prompt="x", max_tokens=0, echo=True, extra_body={"adaptation": {"context": "prepend"}}
+        )
 
 
 async def test_chat_with_and_without_adaptation(client, server):
@@ -234,6 +269,9 @@ async def test_sampling_extensions_reach_the_engine(client):
         ({"adaptation": {"max_step": 2}}, 400, "adaptation.max_step"),
         ({"adaptation": {"alpha": -1}}, 400, "adaptation.alpha"),
         ({"adaptation": {"min_gain": -0.5}}, 400, "adaptation.min_gain"),
+        ({"adaptation": {"context": "append"}}, 400, "adaptation.context"),
+        ({"adaptation": {"context_tokens": 5000}}, 400, "server.limits.context_tokens"),
+        ({"adaptation": {"context": "prepend", "context_tokens": 250}}, 400, "context_length_exceeded"),
         ({"adaptation": {"lambda": 1e-8}}, 400, "adaptation.lambda"),
         ({"adaptation": {"max_steps": 9}}, 400, "server.limits.max_steps"),
         ({"adaptation": {"candidates": 51}}, 400, "server.limits.candidates"),
