@@ -33,7 +33,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -53,6 +53,7 @@ from selection.embed import load_embedder
 from selection.index import CorpusIndex
 from selection.selector import Selector
 from selection.stopping import step_threshold
+from serving.context import as_text, fit
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ class Config:
     seed_prompts_per_domain: int
     keep_gain: float = 0.9
     min_gain_grid: tuple[float, ...] = tuple(float(x) for x in np.geomspace(0.002, 2.0, 31))
+    context_tokens: int = 520
+    """In-context methods: the most prompt tokens the documents may add (four 128-token chunks and their
+    separators)."""
     candidates: int = 200
     lambda_: float = 0.01
     rank: int = 16
@@ -195,14 +199,27 @@ class Evaluator:
         self.runs: dict[str, dict] = {}
         """Runs by training key (prompt, picks, learning rate, seed), for reuse."""
 
-    def score(self, prompt: Prompt, view, whole: bool = False) -> dict[str, float]:
-        """Bits per byte of the continuation (and with `whole`, of the whole window) under `view`."""
+    def score(self, prompt: Prompt, view, whole: bool = False, documents: Sequence[str] = ()) -> dict[str, float]:
+        """Bits per byte of the continuation (and with `whole`, of the whole window) under `view`; with
+        `documents`, as many of them as fit `context_tokens` are placed before the prompt (the bytes scored
+        are the same). `seconds` is the scoring forward pass, `context_tokens` what the documents added."""
         p = self.config.prompt_tokens
         context, continuation = prompt.ids[:p], prompt.ids[p:]
+        added = 0
+        if documents:
+
+            def render(docs: Sequence[str]) -> list[int]:
+                return (self.tokenizer(as_text(docs), add_special_tokens=False).input_ids if docs else []) + context
+
+            full, added = fit(documents, self.config.context_tokens, render, len(context))
+            context = full
         cont_bytes = len(self.tokenizer.decode(continuation).encode("utf-8"))
         with view as model:
+            started = time.monotonic()
             bits = continuation_bits(model, context, continuation)
-            out = {"bpb": bits / cont_bytes, "bits": bits, "bytes": cont_bytes}
+            out = {"bpb": bits / cont_bytes, "bits": bits, "bytes": cont_bytes, "seconds": time.monotonic() - started}
+            if documents:
+                out.update(context_documents=added, context_tokens=len(context) - p)
             if whole:
                 prefix = self.tokenizer.bos_token_id
                 prefix = self.tokenizer.eos_token_id if prefix is None else prefix
@@ -225,9 +242,11 @@ class Evaluator:
         score_at: Iterable[int],
         base: dict,
         n: int | None = None,
+        in_context: bool = False,
     ) -> dict:
         """Select `n` (default `max_steps`) picks with `method`, train on them one step each, score after
-        the steps in `score_at` (and the last, with the whole-window view)."""
+        the steps in `score_at` (and the last, with the whole-window view); with `in_context`, also score
+        the last adapter with the picks placed before the prompt (`icl`)."""
         text = self.tokenizer.decode(prompt.ids[: self.config.prompt_tokens])
         picked = selector.select(
             [text],
@@ -238,19 +257,22 @@ class Evaluator:
             seed=seed,
         )[0]
         texts = [d.text for d in picked.documents]
-        key = _order(json.dumps([prompt.id, texts, learning_rate, seed]))
+        key = _order(json.dumps([prompt.id, texts, learning_rate, seed, *(["icl"] if in_context else [])]))
         wanted = {s for s in score_at if s <= len(texts)} | {len(texts)}
         reused = self.runs.get(key)
         if reused is not None and wanted <= {int(s) for s in reused["curve"]}:
             return {**reused, "same_as": reused.get("same_as") or reused["label"], "label": str(method)}
         started = time.monotonic()
         curve = {"0": base["final"]}
+        icl: dict[str, dict] = {}
         request = TrainRequest(documents=texts, learning_rate=learning_rate, seed=seed)
 
         def after(done: TrainStep) -> None:
             if done.step in wanted:
                 view = self.trainer.training(request)
                 curve[str(done.step)] = self.score(prompt, view, whole=done.step == len(texts))
+                if in_context and done.step == len(texts):
+                    icl[str(done.step)] = self.score(prompt, self.trainer.training(request), documents=texts)
 
         result = self.trainer.train(request, progress=after)
         run = {
@@ -264,9 +286,30 @@ class Evaluator:
             "repeats": picked.repeats,
             "losses": result.losses,
             "seconds": time.monotonic() - started,
+            "train_seconds": result.train_seconds,
         }
+        if in_context:
+            run["icl"] = icl[str(result.steps)]
         self.runs[key] = run
         return run
+
+    def in_context(self, prompt: Prompt, selector: Selector, method: Method, base: dict) -> dict:
+        """The base model with `method`'s picks placed before the prompt (in-context retrieval)."""
+        text = self.tokenizer.decode(prompt.ids[: self.config.prompt_tokens])
+        picked = selector.select(
+            [text],
+            self.config.max_steps,
+            method=str(method),
+            lambda_=self.config.lambda_,
+            candidates=self.config.candidates,
+        )[0]
+        score = self.score(prompt, self.trainer.adapted(None), documents=[d.text for d in picked.documents])
+        return {
+            "steps": 0,
+            "curve": {"0": base["final"]},
+            "final": score,
+            "documents": [d.id for d in picked.documents],
+        }
 
     def remember(self, runs: Iterable[dict]) -> None:
         """Make saved runs (from a resumed results file) available for reuse."""
@@ -294,13 +337,61 @@ def calibrate(dev_runs: list[dict], config: Config) -> dict:
     return {"min_gain": chosen["min_gain"], "full_gain": full, "n": len(dev_runs), "grid": table}
 
 
+METHODS = ("base", "nn", "nn_f", "random", "sift", "adaptive", "icl_nn", "icl_sift", "sift_icl")
+COMPARISONS = (
+    ("sift", "nn"),
+    ("sift", "base"),
+    ("sift", "random"),
+    ("nn", "base"),
+    ("nn_f", "nn"),
+    ("icl_nn", "base"),
+    ("icl_sift", "icl_nn"),
+    ("sift", "icl_nn"),
+    ("sift", "icl_sift"),
+    ("sift_icl", "sift"),
+    ("sift_icl", "icl_sift"),
+)
+UNSEEN_DOMAIN = "releases"
+"""The domain of text written after the base model's release."""
+
+
+def costs(reported: dict, methods: list[str], config: Config) -> dict[str, dict[str, float]]:
+    """Compute per prompt and method, measured in the in-context phase (same process, same minutes): the
+    training seconds of SIFT's `max_steps` steps (NN's and random's are the same count of equally long
+    windows; adaptive's are its share of them), the extra prompt tokens, and the seconds of the scoring
+    forward pass (prompt + continuation, with the documents when in context)."""
+    timed = [p for p in reported.values() if "sift_icl" in p and "icl_nn" in p]
+    if not timed:
+        return {}
+    per_step = statistics.mean(p["sift_icl"]["train_seconds"] / max(p["sift_icl"]["steps"], 1) for p in timed)
+    plain = statistics.mean(p["plain_seconds"] for p in timed)
+    out = {}
+    for m in methods:
+        rows = [p for p in timed if m in p]
+        if not rows:
+            continue
+        steps = statistics.mean(p[m]["steps"] for p in rows)
+        scoring = (
+            statistics.mean(p[m]["final"].get("seconds", plain) for p in rows)
+            if m.startswith(("icl", "sift_icl"))
+            else plain
+        )
+        extra = statistics.mean(p[m]["final"].get("context_tokens", 0) for p in rows)
+        out[m] = {
+            "steps": steps,
+            "train_seconds": steps * per_step,
+            "context_tokens": extra,
+            "scoring_seconds": scoring,
+            "seconds": steps * per_step + scoring,
+        }
+    return out
+
+
 def summarise(results: dict, config: Config) -> dict:
     """The headline numbers: bpb per method and domain, the paired tests, the duplicate condition,
     adaptive against uniform, and how well SIFT's predicted gain ranks the realised one."""
     reported = results["reported"]
-    methods = [
-        m for m in ("base", "nn", "nn_f", "random", "sift", "adaptive") if any(m in p for p in reported.values())
-    ]
+    methods = [m for m in METHODS if any(m in p for p in reported.values())]
     per_domain: dict[str, dict[str, float]] = {}
     overall_by_bytes, steps = {}, {}
     for m in methods:
@@ -314,17 +405,17 @@ def summarise(results: dict, config: Config) -> dict:
     whole_window = {
         m: statistics.mean(p[m]["final"]["doc_bpb"] for p in reported.values() if m in p)
         for m in methods
-        if m != "adaptive"
+        if all("doc_bpb" in p[m]["final"] for p in reported.values() if m in p)
     }
 
     def test(a: str, b: str, where: dict) -> dict:
         both = [p for p in where.values() if a in p and b in p]
         return paired([p[a]["final"]["bpb"] for p in both], [p[b]["final"]["bpb"] for p in both]).as_dict()
 
-    tests = {
-        f"{a}_vs_{b}": test(a, b, reported)
-        for a, b in (("sift", "nn"), ("sift", "base"), ("sift", "random"), ("nn", "base"), ("nn_f", "nn"))
-    }
+    pairs = [(a, b) for a, b in COMPARISONS if a in methods and b in methods]
+    tests = {f"{a}_vs_{b}": test(a, b, reported) for a, b in pairs}
+    unseen = {k: p for k, p in reported.items() if p["domain"] == UNSEEN_DOMAIN}
+    unseen_tests = {f"{a}_vs_{b}": test(a, b, unseen) for a, b in pairs} if unseen else {}
     tests["sift_vs_nn_whole_window"] = paired(
         [p["sift"]["final"]["doc_bpb"] for p in reported.values()],
         [p["nn"]["final"]["doc_bpb"] for p in reported.values()],
@@ -336,7 +427,10 @@ def summarise(results: dict, config: Config) -> dict:
         "whole_window": whole_window,
         "per_domain": per_domain,
         "steps": steps,
+        "n": {m: sum(m in p for p in reported.values()) for m in methods},
         "tests": tests,
+        "unseen_domain": {"domain": UNSEEN_DOMAIN, "tests": unseen_tests},
+        "cost": costs(reported, methods, config),
         "learning_rate": results["learning_rate"],
         "min_gain": results["calibration"]["min_gain"],
         "contamination": results["contamination"],
@@ -414,6 +508,7 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {d} | " + " | ".join(f"{row[m]:.3f}" if m in row else "" for m in methods) + " |")
     lines.append("| **overall** | " + " | ".join(f"**{summary['overall'][m]:.3f}**" for m in methods) + " |")
     lines.append("| steps | " + " | ".join(f"{summary['steps'][m]:.1f}" for m in methods) + " |")
+    lines.append("| prompts | " + " | ".join(str(summary["n"][m]) for m in methods) + " |")
     lines += [
         "",
         "| comparison | n | mean diff (bpb) | 95% CI | Wilcoxon p | A better / B better |",
@@ -422,6 +517,8 @@ def markdown(summary: dict) -> str:
     tests = dict(summary["tests"])
     for name, t in summary.get("duplicates", {}).get("tests", {}).items():
         tests[f"duplicates: {name}"] = t
+    for name, t in summary["unseen_domain"]["tests"].items():
+        tests[f"{summary['unseen_domain']['domain']} only: {name}"] = t
     avu = summary["adaptive_vs_uniform"]
     tests[f"adaptive vs uniform ({avu['steps']:.1f} steps)"] = avu["test"]
     for name, t in tests.items():
@@ -470,6 +567,19 @@ def plots(results: dict, summary: dict, config: Config, out: Path, name: str) ->
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / f"quality-{name}-duplicates.png", dpi=110)
+        plt.close(fig)
+
+    cost = summary.get("cost")
+    if cost:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for m, c in cost.items():
+            ax.scatter([c["seconds"]], [summary["overall"][m]])
+            ax.annotate(m, (c["seconds"], summary["overall"][m]), fontsize=8, xytext=(4, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds per prompt on this CPU (training + scoring pass)")
+        ax.set_ylabel("bits per byte (continuation), domains equal")
+        fig.tight_layout()
+        fig.savefig(out / f"quality-{name}-compute.png", dpi=110)
         plt.close(fig)
 
     avu = summary["adaptive_vs_uniform"]
@@ -647,6 +757,20 @@ def run_protocol(results: dict, config: Config, args: argparse.Namespace, save: 
     for p in tqdm(per_domain(reported, config.seed_prompts_per_domain), desc="seed 1"):
         run_into("seeds", p, "sift", Method.SIFT, lrs["sift"], 1, ends["sweep"])
         run_into("seeds", p, "nn", Method.NN, lrs["nn"], 1, ends["sweep"])
+
+    # 6. in-context retrieval: the picks before the prompt, on the base model and on the adapted one
+    for p in tqdm(reported, desc="in context"):
+        entry = results["reported"][p.id]
+        for label, method in (("icl_nn", Method.NN), ("icl_sift", Method.SIFT)):
+            if label not in entry:
+                entry[label] = ev.in_context(p, selector, method, base_of(p))
+                save()
+        if "plain_seconds" not in entry:
+            entry["plain_seconds"] = ev.score(p, trainer.adapted(None))["seconds"]
+        if "sift_icl" not in entry:
+            run = ev.run(p, selector, Method.SIFT, lrs["sift"], 0, ends["sweep"], base_of(p), in_context=True)
+            entry["sift_icl"] = {**run, "final": run["icl"]}
+            save()
 
 
 def adaptive_run(selector: Selector, tokenizer, prompt: Prompt, sift: dict, min_gain: float, config: Config) -> dict:

@@ -39,6 +39,7 @@ CONFIG = Config(
     seed_prompts_per_domain=1,
     candidates=30,
     min_gain_grid=(0.01, 0.1, 1.0, 10.0),
+    context_tokens=300,
 )
 
 
@@ -81,6 +82,12 @@ def test_protocol_runs_every_phase_and_summarises(tmp_path_factory, corpus, smal
         assert set(entry["sift"]["curve"]) == {str(s) for s in range(CONFIG.max_steps + 1)}
         assert entry["adaptive"]["final"] == entry["sift"]["curve"][str(entry["adaptive"]["steps"])]
         assert "doc_bpb" in entry["sift"]["final"] and len(entry["sift"]["sigma2"]) == CONFIG.max_steps + 1
+    for entry in results["reported"].values():
+        for label in ("icl_nn", "icl_sift", "sift_icl"):
+            final = entry[label]["final"]
+            assert 0 < final["context_tokens"] <= 300 and final["context_documents"] >= 1
+            assert final["bytes"] == entry["base"]["final"]["bytes"]  # the same bytes are scored
+        assert entry["sift_icl"]["steps"] == CONFIG.max_steps and entry["sift_icl"]["train_seconds"] > 0
     for entry in results["duplicates"].values():
         # a third of the chunks three times: NN repeats texts, NN-F never does
         assert entry["nn_f"]["distinct_texts"] == len(entry["nn_f"]["documents"])
@@ -88,7 +95,19 @@ def test_protocol_runs_every_phase_and_summarises(tmp_path_factory, corpus, smal
 
     summary = summarise(results, CONFIG)
     assert summary["n_prompts"] == 3 and set(summary["per_domain"]) == {"code", "docs"}
-    assert {"base", "nn", "nn_f", "sift", "adaptive", "random"} <= set(summary["overall"])
+    assert {"base", "nn", "nn_f", "sift", "adaptive", "random", "icl_nn", "icl_sift", "sift_icl"} == set(
+        summary["overall"]
+    )
+    assert summary["n"]["sift"] == 3 and summary["n"]["random"] == 2
+    assert set(summary["cost"]["sift_icl"]) == {
+        "steps",
+        "train_seconds",
+        "context_tokens",
+        "scoring_seconds",
+        "seconds",
+    }
+    assert summary["cost"]["base"]["train_seconds"] == 0 < summary["cost"]["sift"]["train_seconds"]
+    assert "sift_vs_icl_nn" in summary["tests"] and summary["unseen_domain"]["tests"] == {}
     assert all(math.isfinite(v) and v > 0 for v in summary["overall"].values())
     assert summary["steps"]["base"] == 0 and summary["steps"]["sift"] == CONFIG.max_steps
     t = summary["tests"]["sift_vs_nn"]
@@ -102,6 +121,7 @@ def test_protocol_runs_every_phase_and_summarises(tmp_path_factory, corpus, smal
         "quality-test-curves.png",
         "quality-test-duplicates.png",
         "quality-test-adaptive.png",
+        "quality-test-compute.png",
     }
 
 
