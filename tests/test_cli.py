@@ -31,12 +31,18 @@ def test_index_build_and_select(tmp_path, small_corpus):
     table = run("select", "--index", str(idx), "How do I read rows from a CSV file?", "-n", "5")
     assert table.returncode == 0, table.stderr
     assert "doc id" in table.stdout and "csv.py#" in table.stdout
-    js = run("select", "--index", str(idx), "heap push and pop", "-n", "4", "--json", "--method", "nn_f")
+    js = run(
+        "select", "--index", str(idx), "heap push and pop", "-n", "4", "--json", "--method", "nn_f", "--min-gain", "0"
+    )
     assert js.returncode == 0, js.stderr
     data = json.loads(js.stdout)
     assert data["method"] == "nn_f" and len(data["documents"]) == 4 and len(data["sigma2"]) == 5
-    adaptive = json.loads(run("select", "--index", str(idx), "heap push", "-n", "20", "--json", "--alpha", "50").stdout)
+    adaptive = json.loads(
+        run("select", "--index", str(idx), "heap push", "-n", "20", "--json", "--alpha", "50", "--min-gain", "0").stdout
+    )
     assert adaptive["stop_reason"] == "alpha" and len(adaptive["documents"]) < 20
+    by_gain = json.loads(run("select", "--index", str(idx), "heap push", "-n", "20", "--json").stdout)  # the default
+    assert by_gain["stop_reason"] == "min_gain" and 0 < len(by_gain["documents"]) < 20
 
 
 @pytest.mark.parametrize(
