@@ -1,5 +1,6 @@
-"""Selection: which documents to train on for a prompt (SIFT and baselines), embeddings, the Faiss index
-(whole, or in shards merged into one global top-K)."""
+"""Selection: which documents to train on for a prompt (SIFT and baselines), when to stop (the
+predicted-gain rule and the paper's alpha rule), embeddings, the Faiss index (whole, or in shards merged
+into one global top-K)."""
 
 from selection.rules import METHODS
 from selection.select import Selection, select, select_batch
