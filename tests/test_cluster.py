@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "How do I read rows from a CSV file?"
-ADAPT = {"adaptation": {"max_steps": 2, "max_train_tokens": 64}}
+ADAPT = {"adaptation": {"max_steps": 2, "max_train_tokens": 64, "min_gain": 0}}
 PLAIN = {"adaptation": {"enabled": False}}
 
 

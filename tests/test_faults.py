@@ -28,6 +28,7 @@ async def test_training_that_raises_half_way_answers_with_the_base_model(tmp_pat
         tiny_llama_dir(tmp_path / "tiny"),
         small_index.directory,
         trainer={"max_steps": 4, "max_train_tokens": 32},
+        selection={"min_gain": 0},  # fixed step counts; the rule is tested in test_server_local
         generator={"max_model_len": 256, "adapter_dir": str(tmp_path / "adapters")},
     )
     server = local_server(settings)
@@ -81,7 +82,7 @@ def served(tmp_path_factory, small_index, default_model_dir):
     settings = tiny_app_settings(
         default_model_dir,
         small_index.directory,
-        selection={"candidates": 30},
+        selection={"candidates": 30, "min_gain": 0},
         trainer={"max_steps": 6, "max_train_tokens": 128},
         generator={"max_model_len": 1024, "adapter_dir": str(adapters)},
     )

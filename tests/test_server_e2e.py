@@ -40,7 +40,7 @@ def served(tmp_path_factory, small_corpus, minilm, tokenizer):
     settings = Settings.model_validate(
         {
             "index_path": str(index_dir),
-            "selection": {"candidates": 30},
+            "selection": {"candidates": 30, "min_gain": 0},  # fixed step counts; the rule: test_server_local
             "trainer": TRAINER,
             "generator": {"max_model_len": 1024, "default_max_tokens": 8, "adapter_dir": str(adapters)},
         }

@@ -20,7 +20,7 @@ def served(tmp_path_factory, small_index):
     settings = tiny_app_settings(
         tiny_llama_dir(tmp_path_factory.mktemp("tiny") / MODEL),
         small_index.directory,
-        selection={"candidates": 20},
+        selection={"candidates": 20, "min_gain": 0},
         trainer={"max_steps": 3, "max_train_tokens": 32, "max_batch": 2},
         generator={"default_max_tokens": 4},
         server={"trainer": {"num_cpus": 0.25, "replicas": 2}},
