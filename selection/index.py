@@ -65,7 +65,11 @@ def make_faiss_index(kind: str, dim: int, count: int) -> faiss.Index:
     raise ValueError(f"unknown index kind {kind!r} (use auto, flat, ivf or hnsw)")
 
 
-def _to_gpu_if_available(index: faiss.Index) -> faiss.Index:
+def to_gpu_if_available(index: faiss.Index) -> faiss.Index:
+    """The index copied onto every GPU this Faiss build sees (searches then run there), else unchanged.
+
+    HNSW has no GPU form in Faiss and stays on the CPU; faiss-cpu builds have no GPUs to see.
+    """
     if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0 and not isinstance(index, faiss.IndexHNSW):
         log.info("moving the Faiss index to %d GPU(s)", faiss.get_num_gpus())
         return faiss.index_cpu_to_all_gpus(index)
@@ -262,7 +266,7 @@ class CorpusIndex:
             check_embedder(manifest, embedder, directory)
         index = _read(directory / "index.faiss", lambda path: faiss.read_index(str(path)))
         if gpu:
-            index = _to_gpu_if_available(index)
+            index = to_gpu_if_available(index)
         embeddings = _read(directory / "embeddings.npy", lambda path: np.load(path, mmap_mode="r"))
         if embeddings.shape != (manifest["count"], manifest["dim"]) or index.ntotal != manifest["count"]:
             raise IndexMismatchError(f"{directory}: files disagree with the manifest; rebuild the index")

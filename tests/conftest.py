@@ -100,6 +100,22 @@ def tiny_llama_dir(path: Path, seed: int = 0, vocab_size: int = 512) -> Path:
     return path
 
 
+def greedy_hf(model_dir: Path, prompt: str, adapter_path: Path | None = None, device: str = "cpu") -> list[int]:
+    """16 greedy tokens from transformers (+ peft when `adapter_path` is given), in float32: the reference
+    that vLLM's output with the same adapter must equal."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_path is not None:
+        model = PeftModel.from_pretrained(model, adapter_path)
+    ids = AutoTokenizer.from_pretrained(model_dir)(prompt, return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        out = model.to(device).eval().generate(ids, max_new_tokens=16, do_sample=False)
+    return out[0, ids.shape[1] :].tolist()
+
+
 def free_port() -> int:
     import socket
 

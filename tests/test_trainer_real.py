@@ -6,11 +6,10 @@ import os
 import threading
 
 import pytest
-import torch
 
 from adapters.config import TrainerConfig
 from adapters.trainer import Trainer, TrainRequest
-from tests.conftest import STDLIB
+from tests.conftest import STDLIB, greedy_hf
 
 pytestmark = pytest.mark.slow
 
@@ -43,19 +42,6 @@ def test_a_few_steps_lower_the_loss_of_real_text(trained):
     assert after < before - 0.5, (before, after)
 
 
-def greedy_hf(model_dir, adapter_path=None) -> list[int]:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter_path is not None:
-        model = PeftModel.from_pretrained(model, adapter_path)
-    ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.eval().generate(ids, max_new_tokens=16, do_sample=False)
-    return out[0, ids.shape[1] :].tolist()
-
-
 def test_adapter_loads_in_vllm_and_changes_greedy_output_like_peft(trained, default_model_dir):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -63,7 +49,7 @@ def test_adapter_loads_in_vllm_and_changes_greedy_output_like_peft(trained, defa
     from vllm.lora.request import LoRARequest
 
     _, _, _, files = trained
-    hf_base, hf_lora = greedy_hf(default_model_dir), greedy_hf(default_model_dir, files.path)
+    hf_base, hf_lora = greedy_hf(default_model_dir, PROMPT), greedy_hf(default_model_dir, PROMPT, files.path)
     assert hf_base != hf_lora
     llm = LLM(
         model=str(default_model_dir),
