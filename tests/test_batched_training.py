@@ -11,7 +11,7 @@ import torch
 
 from adapters.config import TrainerConfig
 from adapters.slot_adamw import SlotAdamW
-from adapters.trainer import Trainer, TrainRequest
+from adapters.trainer import Trainer, TrainRequest, TrainResult
 from tests.conftest import STDLIB, tiny_llama_dir
 
 DOCS = {name: (STDLIB / name).read_text() for name in ("bisect.py", "fnmatch.py", "heapq.py", "shlex.py")}
@@ -46,24 +46,21 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in a)
 
 
-def requests() -> dict[str, TrainRequest]:
+def requests(short_lr: float = 3e-3) -> dict[str, TrainRequest]:
+    """Four requests of other lengths, step counts and arrival times; `short` has its own learning rate."""
     return {
         "long": TrainRequest(documents=[DOCS["bisect.py"], DOCS["heapq.py"]] * 2, max_train_tokens=96, seed=1),
-        "short": TrainRequest(documents=[DOCS["fnmatch.py"][:300]] * 4, learning_rate=3e-3, seed=2),
+        "short": TrainRequest(documents=[DOCS["fnmatch.py"][:300]] * 4, learning_rate=short_lr, seed=2),
         "leaves_early": TrainRequest(documents=[DOCS["shlex.py"]] * 4, max_steps=2, max_train_tokens=48, seed=3),
         "joins_late": TrainRequest(documents=[DOCS["heapq.py"][:700], DOCS["bisect.py"][:200]] * 2, seed=4),
     }
 
 
-def train_alone(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
-    out = {}
-    for name, request in requests().items():
-        result = trainer.train(request)
-        out[name] = result.adapter.tensors()
-    return out
+def train_alone(trainer: Trainer, short_lr: float = 3e-3) -> dict[str, TrainResult]:
+    return {name: trainer.train(request) for name, request in requests(short_lr).items()}
 
 
-def train_together(trainer: Trainer) -> tuple[dict[str, dict[str, torch.Tensor]], list[int]]:
+def train_together(trainer: Trainer, short_lr: float = 3e-3) -> tuple[dict[str, TrainResult], list[int]]:
     """All four at once: three start together, the fourth joins after the first one's second step."""
     batch_sizes: list[int] = []
     step = trainer._step
@@ -73,11 +70,10 @@ def train_together(trainer: Trainer) -> tuple[dict[str, dict[str, torch.Tensor]]
         step(jobs)
 
     trainer._step = recording_step
-    reqs, out, threads = requests(), {}, []
+    reqs, out, threads = requests(short_lr), {}, []
 
     def run(name: str, progress=None) -> None:
-        result = trainer.train(reqs[name], progress=progress)
-        out[name] = result.adapter.tensors()
+        out[name] = trainer.train(reqs[name], progress=progress)
 
     def start(name: str, progress=None) -> None:
         thread = threading.Thread(target=run, args=(name, progress))
@@ -108,7 +104,7 @@ def test_batched_adapters_equal_adapters_trained_alone(tiny, tmp_path):
     together, batch_sizes = train_together(Trainer(tiny, config))
     assert max(batch_sizes) >= 3, batch_sizes  # they really shared steps
     for name in alone:
-        assert max_relative_difference(together[name], alone[name]) <= 1e-4, name
+        assert max_relative_difference(together[name].adapter.tensors(), alone[name].adapter.tensors()) <= 1e-4, name
 
 
 def frobenius_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -117,9 +113,12 @@ def frobenius_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch
 
 @pytest.mark.slow
 def test_batched_gradients_equal_alone_on_the_default_model(default_model_dir, tmp_path):
-    """On the real model, a padded batch-mate changes a request's gradient only by float rounding (<= 1e-4). Adam's
-    normalised steps amplify that rounding where a gradient is near zero (its sign flips), so after 4 steps
-    the element-wise difference grows past 1e-4 while the tensors as a whole stay within 1e-2."""
+    """On the real model, a padded batch-mate changes a request's gradient only by float rounding (<= 1e-4), and
+    each request's loss at every step stays within 1e-4 of its loss trained alone. Adam's normalised steps
+    amplify that rounding where a gradient is near zero (its sign flips), so after 4 steps the element-wise
+    difference grows past 1e-4 while the tensors as a whole stay within 1e-2 (measured: 1.4e-3 at most).
+    `short` trains at 1e-3 here: at 3e-3 its loss on the real model rises again at step 4 (1.27 -> 3.38),
+    and an unstable step amplifies rounding without bound (2.1e-2), which says nothing about batching."""
     config = TrainerConfig(max_batch=4, max_steps=4, max_train_tokens=48, time_budget_s=None)
     trainer = Trainer(default_model_dir, config)
     short = trainer._tokens(DOCS["fnmatch.py"][:300], 48)
@@ -151,8 +150,12 @@ def test_batched_gradients_equal_alone_on_the_default_model(default_model_dir, t
     batched = gradient(ids, mask, [0, 1])
     assert max(float((b - a).norm() / a.norm()) for a, b in zip(alone, batched, strict=True)) <= 1e-4
 
-    adapters_alone = train_alone(trainer)
-    together, batch_sizes = train_together(trainer)
+    alone = train_alone(trainer, short_lr=1e-3)
+    together, batch_sizes = train_together(trainer, short_lr=1e-3)
     assert max(batch_sizes) >= 3, batch_sizes
-    for name in adapters_alone:
-        assert frobenius_relative_difference(together[name], adapters_alone[name]) <= 1e-2, name
+    for name in alone:
+        assert together[name].steps == alone[name].steps, name
+        losses = zip(together[name].losses, alone[name].losses, strict=True)
+        assert max(abs(t - a) / a for t, a in losses) <= 1e-4, name
+        tensors_together, tensors_alone = together[name].adapter.tensors(), alone[name].adapter.tensors()
+        assert frobenius_relative_difference(tensors_together, tensors_alone) <= 1e-2, name
