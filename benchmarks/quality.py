@@ -13,7 +13,7 @@ one step per pick, scored along the way. In order, each phase saved as it goes (
 2. Calibration of the stopping threshold `min_gain` on dev prompts: the largest threshold whose
    adaptive runs keep `keep_gain` of the gain of training every step.
 3. Reported prompts: base, SIFT (scored after every step), NN and NN-F (at the checkpoints). Adaptive
-   SIFT is the product's rule (`Selector.select(min_gain=...)`); it picks a prefix of SIFT's picks, and
+   SIFT is the product's rule (`SelectOptions.min_gain`); it picks a prefix of SIFT's picks, and
    training is deterministic and one step per pick, so its score is SIFT's curve at its own step count
    (checked by training one prompt separately). Uniform = SIFT's curve at the adaptive mean steps.
 4. The duplicate condition (`benchmarks.duplicates`): NN, NN-F and SIFT on an index where a third of the
@@ -35,7 +35,6 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -51,19 +50,12 @@ from infra.config import default_cache_dir
 from infra.models import resolve_model
 from selection.embed import load_embedder
 from selection.index import CorpusIndex
-from selection.selector import Selector
+from selection.rules import Method
+from selection.selector import SelectOptions, Selector
 from selection.stopping import step_threshold
 from serving.context import as_text, fit
 
 log = logging.getLogger(__name__)
-
-
-class Method(StrEnum):
-    BASE = "base"
-    NN = "nn"
-    NN_F = "nn_f"
-    RANDOM = "random"
-    SIFT = "sift"
 
 
 @dataclass(frozen=True)
@@ -248,14 +240,14 @@ class Evaluator:
         the steps in `score_at` (and the last, with the whole-window view); with `in_context`, also score
         the last adapter with the picks placed before the prompt (`icl`)."""
         text = self.tokenizer.decode(prompt.ids[: self.config.prompt_tokens])
-        picked = selector.select(
-            [text],
+        options = SelectOptions(
             n or self.config.max_steps,
-            method=str(method),
+            method,
             lambda_=self.config.lambda_,
             candidates=self.config.candidates,
             seed=seed,
-        )[0]
+        )
+        picked = selector.select([text], options)[0]
         texts = [d.text for d in picked.documents]
         key = _order(json.dumps([prompt.id, texts, learning_rate, seed, *(["icl"] if in_context else [])]))
         wanted = {s for s in score_at if s <= len(texts)} | {len(texts)}
@@ -296,13 +288,10 @@ class Evaluator:
     def in_context(self, prompt: Prompt, selector: Selector, method: Method, base: dict) -> dict:
         """The base model with `method`'s picks placed before the prompt (in-context retrieval)."""
         text = self.tokenizer.decode(prompt.ids[: self.config.prompt_tokens])
-        picked = selector.select(
-            [text],
-            self.config.max_steps,
-            method=str(method),
-            lambda_=self.config.lambda_,
-            candidates=self.config.candidates,
-        )[0]
+        options = SelectOptions(
+            self.config.max_steps, method, lambda_=self.config.lambda_, candidates=self.config.candidates
+        )
+        picked = selector.select([text], options)[0]
         score = self.score(prompt, self.trainer.adapted(None), documents=[d.text for d in picked.documents])
         return {
             "steps": 0,
@@ -776,14 +765,14 @@ def run_protocol(results: dict, config: Config, args: argparse.Namespace, save: 
 def adaptive_run(selector: Selector, tokenizer, prompt: Prompt, sift: dict, min_gain: float, config: Config) -> dict:
     """The product's predicted-gain rule on this prompt: its steps, and SIFT's score after that many."""
     text = tokenizer.decode(prompt.ids[: config.prompt_tokens])
-    picked = selector.select(
-        [text],
+    options = SelectOptions(
         config.max_steps,
         lambda_=config.lambda_,
         candidates=config.candidates,
         min_gain=min_gain,
         step_tokens=config.train_tokens,
-    )[0]
+    )
+    picked = selector.select([text], options)[0]
     steps = len(picked.documents)
     ids = [d.id for d in picked.documents]
     if ids != sift["documents"][:steps]:

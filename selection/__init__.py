@@ -2,7 +2,7 @@
 predicted-gain rule and the paper's alpha rule), embeddings, the Faiss index (whole, or in shards merged
 into one global top-K)."""
 
-from selection.rules import METHODS
+from selection.rules import Method
 from selection.select import Selection, select, select_batch
 
-__all__ = ["METHODS", "Selection", "select", "select_batch"]
+__all__ = ["Method", "Selection", "select", "select_batch"]

@@ -6,6 +6,8 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from infra.models import resolve_model
 from selection.config import IndexConfig, ModelsConfig
 from selection.corpus import Document, chunk_documents, read_corpus, stdlib_documents
@@ -36,7 +38,9 @@ def build_index(
     model_dir = resolve_model(models.base_model, models.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     embedder = embedder or load_embedder(models.embedder, model_dir, models.device)
-    chunks = chunk_documents(documents, tokenizer, index.chunk_tokens, index.chunk_overlap)
+    # Chunked up front (texts take about as much memory as their embeddings), so embedding shows an ETA.
+    documents = tqdm(documents, desc="chunking documents", unit="doc", disable=not progress)
+    chunks = list(chunk_documents(documents, tokenizer, index.chunk_tokens, index.chunk_overlap))
     return CorpusIndex.build(
         chunks,
         out,

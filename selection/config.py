@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from infra.config import Strict, default_cache_dir
+from selection.rules import Method
 from selection.stopping import DEFAULT_MIN_GAIN, MIN_LAMBDA
 
 
@@ -45,7 +46,7 @@ class IndexConfig(Strict):
 class SelectionConfig(Strict):
     """How documents are picked for a prompt."""
 
-    method: Literal["sift", "nn", "nn_f", "uncertainty", "random"] = "sift"
+    method: Method = Method.SIFT
     lambda_: float = Field(0.01, ge=MIN_LAMBDA, alias="lambda")
     candidates: int = Field(200, gt=0, le=10000, description="K: documents retrieved from Faiss by |cos|")
     max_picks: int = Field(50, gt=0, le=1000, description="N: most documents picked")

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,7 +183,8 @@ class CorpusIndex:
             parts: list[np.ndarray] = []
             count = 0
             pending: list[Chunk] = []
-            bar = tqdm(desc="embedding chunks", unit="chunk", disable=not progress)
+            total = len(chunks) if isinstance(chunks, Sized) else None
+            bar = tqdm(desc="embedding chunks", unit="chunk", total=total, disable=not progress)
 
             def flush() -> None:
                 nonlocal count

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from selection.kernel import ConditionedKernel
-from selection.rules import METHODS, make_rule
+from selection.rules import Method, make_rule
 from selection.stopping import MIN_LAMBDA, StopReason, gain_stops_before, stops_before
 
 
@@ -28,7 +28,7 @@ class Selection:
     sigma2: torch.Tensor
     """len(indices) + 1 values: the prior variance, then after each pick (summed over targets)."""
     stop_reason: StopReason
-    method: str
+    method: Method
 
     @property
     def repeats(self) -> int:
@@ -84,11 +84,9 @@ def _prepare(
     return padded, mask, source_dtype
 
 
-def _check_scalars(n: int, method: str, lambda_: float, alpha: float | None, min_step_gain: float | None) -> None:
+def _check_scalars(n: int, lambda_: float, alpha: float | None, min_step_gain: float | None) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"n must be a positive integer, got {n!r}")
-    if method not in METHODS:
-        raise ValueError(f"unknown selection method {method!r}; choose one of {', '.join(METHODS)}")
     if not (isinstance(lambda_, (int, float)) and math.isfinite(lambda_) and lambda_ >= MIN_LAMBDA):
         raise ValueError(f"lambda_ must be a finite number >= {MIN_LAMBDA} (float32 precision), got {lambda_!r}")
     if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
@@ -103,7 +101,7 @@ def select_batch(
     targets: torch.Tensor | Sequence[torch.Tensor],
     candidates: torch.Tensor | Sequence[torch.Tensor],
     n: int,
-    method: str = "sift",
+    method: Method | str = Method.SIFT,
     lambda_: float = 0.01,
     alpha: float | None = None,
     *,
@@ -122,7 +120,8 @@ def select_batch(
     `seed` drives `random`. The arithmetic runs on the candidates' device in `dtype` (default: the
     embeddings' own dtype; float64 inputs get float64 throughout).
     """
-    _check_scalars(n, method, lambda_, alpha, min_step_gain)
+    method = Method.parse(method)
+    _check_scalars(n, lambda_, alpha, min_step_gain)
     t_pad, t_mask, t_dtype = _prepare(targets, "target", dtype)
     c_pad, c_mask, c_dtype = _prepare(candidates, "candidates", dtype)
     if t_pad.shape[0] != c_pad.shape[0]:
@@ -197,7 +196,7 @@ def select(
     target: torch.Tensor,
     candidates: torch.Tensor,
     n: int,
-    method: str = "sift",
+    method: Method | str = Method.SIFT,
     lambda_: float = 0.01,
     alpha: float | None = None,
     *,

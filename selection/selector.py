@@ -13,11 +13,53 @@ import numpy as np
 import torch
 
 from infra.config import resolve_device
+from selection.config import SelectionConfig
 from selection.embed import Embedder
 from selection.index import CorpusIndex
+from selection.rules import Method
 from selection.select import select_batch
 from selection.shards import ShardedIndex
 from selection.stopping import StopReason, step_threshold
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    """How documents are picked for a prompt. Hashable: prompts with equal options are selected in one batch."""
+
+    n: int
+    """Most documents picked."""
+    method: Method = Method.SIFT
+    lambda_: float = 0.01
+    alpha: float | None = None
+    """The paper's rule: stop once sigma_n > 1 / (alpha n)."""
+    candidates: int = 200
+    """K: the documents nearest the prompt by |cos| that the rule picks from."""
+    min_gain: float | None = None
+    """Stop once a step no longer removes this share of the prompt's uncertainty per 1,000 tokens."""
+    step_tokens: int = 1000
+    """Tokens one step trains on at most: the compute `min_gain` prices."""
+    seed: int = 0
+    """Drives the `random` rule."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", Method.parse(self.method))
+        if self.candidates <= 0:
+            raise ValueError(f"candidates must be positive, got {self.candidates}")
+        if self.step_tokens <= 0:
+            raise ValueError(f"step_tokens must be positive, got {self.step_tokens}")
+
+    @classmethod
+    def from_config(cls, config: SelectionConfig, n: int | None = None, step_tokens: int = 1000) -> SelectOptions:
+        """The configured selection; `n` defaults to `config.max_picks`."""
+        return cls(
+            n=config.max_picks if n is None else n,
+            method=config.method,
+            lambda_=config.lambda_,
+            alpha=config.alpha,
+            candidates=config.candidates,
+            min_gain=config.min_gain,
+            step_tokens=step_tokens,
+        )
 
 
 @dataclass(frozen=True)
@@ -41,7 +83,7 @@ class SelectionResult:
     sigma2: list[float]
     """Prior variance first, then after each pick."""
     stop_reason: StopReason
-    method: str
+    method: Method
     candidates: int
     repeats: int
 
@@ -63,27 +105,14 @@ class Selector:
         self.embedder = embedder
         self.device = resolve_device(device)
 
-    def select(
-        self,
-        prompts: Sequence[str],
-        n: int,
-        method: str = "sift",
-        lambda_: float = 0.01,
-        alpha: float | None = None,
-        candidates: int = 200,
-        seed: int = 0,
-        min_gain: float | None = None,
-        step_tokens: int = 1000,
-    ) -> list[SelectionResult]:
-        """Pick up to `n` documents for each prompt among its `candidates` nearest by |cos|; stop early where
-        a step of `step_tokens` tokens no longer removes `min_gain` of the prompt's uncertainty per 1,000
-        tokens, or by the paper's `alpha` rule (`selection.stopping`)."""
+    def select(self, prompts: Sequence[str], options: SelectOptions) -> list[SelectionResult]:
+        """Pick up to `options.n` documents for each prompt among its `options.candidates` nearest by |cos|;
+        stop early where a step no longer pays for itself (`options.min_gain`) or by the paper's `alpha`
+        rule (`selection.stopping`)."""
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError("every prompt must be a non-empty string")
-        if candidates <= 0:
-            raise ValueError(f"candidates must be positive, got {candidates}")
         queries = self.embedder.embed(list(prompts))
-        found = self.index.search(queries, candidates)
+        found = self.index.search(queries, options.candidates)
         targets, cand_sets, row_sets = [], [], []
         for b in range(len(prompts)):
             valid = found.rows[b] >= 0
@@ -92,17 +121,19 @@ class Selector:
             cand_sets.append(torch.from_numpy(np.ascontiguousarray(found.vectors[b][valid])).to(self.device))
             row_sets.append(rows)
         # NN-F's duplicates are identical texts, recognised by the store's text hashes.
-        keys = [[c.hash for c in self.index.chunks(rows)] for rows in row_sets] if method == "nn_f" else None
+        keys = None
+        if options.method is Method.NN_F:
+            keys = [[c.hash for c in self.index.chunks(rows)] for rows in row_sets]
         selections = select_batch(
             targets,
             cand_sets,
-            n,
-            method=method,
-            lambda_=lambda_,
-            alpha=alpha,
-            min_step_gain=None if min_gain is None else step_threshold(min_gain, step_tokens),
+            options.n,
+            method=options.method,
+            lambda_=options.lambda_,
+            alpha=options.alpha,
+            min_step_gain=None if options.min_gain is None else step_threshold(options.min_gain, options.step_tokens),
             keys=keys,
-            seed=seed,
+            seed=options.seed,
         )
         results = []
         for b, sel in enumerate(selections):
@@ -128,7 +159,7 @@ class Selector:
                     documents=documents,
                     sigma2=sel.sigma2.tolist(),
                     stop_reason=sel.stop_reason,
-                    method=method,
+                    method=options.method,
                     candidates=len(row_sets[b]),
                     repeats=sel.repeats,
                 )

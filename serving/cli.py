@@ -162,7 +162,7 @@ def select_cmd(
     from selection.build import default_index_dir
     from selection.embed import load_embedder
     from selection.index import CorpusIndex, IndexMismatchError
-    from selection.selector import Selector
+    from selection.selector import SelectOptions, Selector
     from selection.shards import load_index
 
     settings = _settings(
@@ -186,18 +186,9 @@ def select_cmd(
         if index == "default" and isinstance(exc, FileNotFoundError):
             raise _fail(f"{exc}\n(the default index is built by `sift-serve index build --default`)") from exc
         raise _fail(str(exc)) from exc
-    sel = settings.selection
+    options = SelectOptions.from_config(settings.selection, step_tokens=settings.trainer.max_train_tokens)
     try:
-        result = Selector(corpus_index, embedder, settings.models.device).select(
-            [prompt],
-            sel.max_picks,
-            method=sel.method,
-            lambda_=sel.lambda_,
-            alpha=sel.alpha,
-            candidates=sel.candidates,
-            min_gain=sel.min_gain,
-            step_tokens=settings.trainer.max_train_tokens,
-        )[0]
+        result = Selector(corpus_index, embedder, settings.models.device).select([prompt], options)[0]
     except ValueError as exc:
         raise _fail(str(exc)) from exc
     if as_json:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from adapters.handle import AdapterBlob
 from adapters.trainer import TrainerBusyError, TrainRequest, TrainResult, TrainStep
-from selection.selector import SelectionResult
+from selection.selector import SelectionResult, SelectOptions
 from selection.stopping import StopReason
 from serving.config import ContextMode, Settings
 from serving.engines import Chunk, Sampling
@@ -36,22 +36,15 @@ class AdaptationPlan:
 
     enabled: bool
     max_steps: int
-    picks: int
-    """Most documents selection may pick: max_steps, or selection.max_picks where that is lower; with
+    selection: SelectOptions
+    """How documents are picked: at most max_steps, or selection.max_picks where that is lower; with
     documents in the context, selection.max_picks (the context fills from them)."""
-    method: str
-    lambda_: float
-    min_gain: float
-    alpha: float | None
-    candidates: int
     learning_rate: float | None
     max_train_tokens: int | None
     time_budget_s: float | None
     progress: bool
     context: ContextMode
     context_tokens: int
-    step_tokens: int
-    """Tokens one step trains on at most: the compute the predicted-gain rule prices."""
 
 
 def plan_adaptation(options: AdaptationOptions | None, settings: Settings) -> AdaptationPlan:
@@ -79,19 +72,21 @@ def plan_adaptation(options: AdaptationOptions | None, settings: Settings) -> Ad
     return AdaptationPlan(
         enabled=pick(opts.enabled, server.adaptation_enabled),
         max_steps=max_steps,
-        picks=sel.max_picks if context is ContextMode.PREPEND else min(max_steps, sel.max_picks),
-        method=pick(opts.method, sel.method),
-        lambda_=pick(opts.lambda_, sel.lambda_),
-        min_gain=pick(opts.min_gain, sel.min_gain),
-        alpha=pick(opts.alpha, sel.alpha),
-        candidates=pick(opts.candidates, sel.candidates),
+        selection=SelectOptions(
+            n=sel.max_picks if context is ContextMode.PREPEND else min(max_steps, sel.max_picks),
+            method=pick(opts.method, sel.method),
+            lambda_=pick(opts.lambda_, sel.lambda_),
+            alpha=pick(opts.alpha, sel.alpha),
+            candidates=pick(opts.candidates, sel.candidates),
+            min_gain=pick(opts.min_gain, sel.min_gain),
+            step_tokens=pick(opts.max_train_tokens, tr.max_train_tokens),
+        ),
         learning_rate=opts.learning_rate,
         max_train_tokens=opts.max_train_tokens,
         time_budget_s=opts.time_budget_s,
         progress=opts.progress,
         context=context,
         context_tokens=pick(opts.context_tokens, gen.context_tokens),
-        step_tokens=pick(opts.max_train_tokens, tr.max_train_tokens),
     )
 
 
@@ -263,19 +258,8 @@ class Pipeline:
         self.metrics.steps(result.steps)
 
     async def _select(self, job: Job) -> SelectionResult:
-        plan = job.plan
         started = time.monotonic()
-        query = SelectQuery(
-            job.query,
-            plan.picks,
-            plan.method,
-            plan.lambda_,
-            plan.alpha,
-            plan.candidates,
-            plan.min_gain,
-            plan.step_tokens,
-        )
-        picked: SelectionResult = await self.selector.call("select", query)
+        picked: SelectionResult = await self.selector.call("select", SelectQuery(job.query, job.plan.selection))
         job.report.timings.select = time.monotonic() - started
         self.metrics.stage("select", job.report.timings.select)
         job.report.documents = [DocumentRef(id=d.id, source=d.source) for d in picked.documents]

@@ -15,11 +15,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from selection.rules import Method
 from selection.stopping import MIN_LAMBDA, StopReason
 from serving.config import ContextMode
 from serving.engines.base import Sampling, SamplingDefaults
 
-Method = Literal["sift", "nn", "nn_f", "uncertainty", "random"]
 _LONG = 2**63
 
 

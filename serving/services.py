@@ -25,7 +25,7 @@ from infra.models import resolve_model
 from selection.build import default_index_dir
 from selection.embed import Embedder, load_embedder
 from selection.index import Candidates, CorpusIndex, check_embedder, check_tokenizer
-from selection.selector import SelectionResult, Selector
+from selection.selector import SelectionResult, SelectOptions, Selector
 from selection.shards import LocalShard, Shard, ShardedIndex, load_index, shard_count, shard_dir
 from selection.store import StoredChunk
 from serving.config import Settings
@@ -65,20 +65,10 @@ def open_index(settings: Settings, shards: list[Shard] | None = None) -> tuple[C
 
 @dataclass(frozen=True)
 class SelectQuery:
-    """One prompt's selection: pick up to `n` of its `candidates` nearest documents with `method`."""
+    """One prompt's selection, and how to select."""
 
     prompt: str
-    n: int
-    method: str
-    lambda_: float
-    alpha: float | None
-    candidates: int
-    min_gain: float | None = None
-    step_tokens: int = 1000
-
-    def group(self) -> tuple:
-        """Queries with equal parameters are selected for in one batch."""
-        return (self.n, self.method, self.lambda_, self.alpha, self.candidates, self.min_gain, self.step_tokens)
+    options: SelectOptions
 
 
 class SelectorService:
@@ -107,22 +97,12 @@ class SelectorService:
         return await future
 
     def _run(self, queries: list[SelectQuery]) -> list[SelectionResult]:
-        q = queries[0]
-        return self.selector.select(
-            [x.prompt for x in queries],
-            q.n,
-            method=q.method,
-            lambda_=q.lambda_,
-            alpha=q.alpha,
-            candidates=q.candidates,
-            min_gain=q.min_gain,
-            step_tokens=q.step_tokens,
-        )
+        return self.selector.select([q.prompt for q in queries], queries[0].options)
 
     def _select_batch(self, batch: list[tuple[SelectQuery, asyncio.Future]]) -> None:
-        groups: dict[tuple, list[tuple[SelectQuery, asyncio.Future]]] = {}
+        groups: dict[SelectOptions, list[tuple[SelectQuery, asyncio.Future]]] = {}
         for query, future in batch:
-            groups.setdefault(query.group(), []).append((query, future))
+            groups.setdefault(query.options, []).append((query, future))
         for items in groups.values():
             try:
                 outcomes: list[SelectionResult | Exception] = list(self._run([q for q, _ in items]))

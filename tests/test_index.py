@@ -12,7 +12,8 @@ import torch
 
 from selection.corpus import CorpusError, Document, chunk_documents, read_corpus
 from selection.index import CorpusIndex, IndexMismatchError, search_abs
-from selection.selector import Selector
+from selection.rules import Method
+from selection.selector import SelectOptions, Selector
 
 
 def test_jsonl_and_parquet_readers(tmp_path):
@@ -167,14 +168,14 @@ def test_approximate_index_kinds(small_corpus, tokenizer, minilm, tmp_path, kind
 def test_selector_end_to_end(small_index, minilm):
     selector = Selector(small_index, minilm)
     prompts = ["How do I read rows from a CSV file?", "priority queue with heappush"]
-    results = selector.select(prompts, 6, candidates=40)
+    results = selector.select(prompts, SelectOptions(6, candidates=40))
     assert len(results) == 2
     for result in results:
         assert len(result.documents) == 6 and len(result.sigma2) == 7
         assert all(a >= b - 1e-9 for a, b in zip(result.sigma2, result.sigma2[1:], strict=False))
     assert "heapq.py" in {d.doc_id for d in results[1].documents}
-    nn = selector.select(prompts[:1], 6, method="nn", candidates=40)[0]
-    nn_f = selector.select(prompts[:1], 6, method="nn_f", candidates=40)[0]
+    nn = selector.select(prompts[:1], SelectOptions(6, Method.NN, candidates=40))[0]
+    nn_f = selector.select(prompts[:1], SelectOptions(6, Method.NN_F, candidates=40))[0]
     texts_nn_f = [d.text for d in nn_f.documents]
     assert len(set(texts_nn_f)) == len(texts_nn_f)
     # The corpus holds csv.py twice: NN takes both copies of the best chunk, SIFT and NN-F don't.
@@ -183,7 +184,7 @@ def test_selector_end_to_end(small_index, minilm):
     texts_sift = [d.text for d in results[0].documents]
     assert len(set(texts_sift)) == len(texts_sift)
     with pytest.raises(ValueError, match="non-empty"):
-        selector.select([""], 3)
+        selector.select([""], SelectOptions(3))
     assert torch.tensor(results[0].sigma2).isfinite().all()
 
 
@@ -194,6 +195,14 @@ def test_selector_matches_activeft_retriever(small_index, minilm):
     query = minilm.embed(["split a shell command line into tokens"])
     retriever = Retriever(small_index.index, llambda=0.01, device=torch.device("cpu"))
     _, theirs, _, _ = retriever.search(query, N=8, K=30)
-    ours = Selector(small_index, minilm).select(["split a shell command line into tokens"], 8, candidates=30)[0]
+    prompt = "split a shell command line into tokens"
+    ours = Selector(small_index, minilm).select([prompt], SelectOptions(8, candidates=30))[0]
     store = small_index.store
     assert [c.hash for c in store.get(r.row for r in ours.documents)] == [c.hash for c in store.get(theirs)]
+
+
+def test_building_from_a_list_shows_a_total(small_corpus, tokenizer, minilm, tmp_path, capsys):
+    """The embedding bar knows how many chunks there are, so a long build shows an ETA."""
+    chunks = list(chunk_documents(read_corpus(small_corpus), tokenizer, 128))
+    CorpusIndex.build(chunks, tmp_path / "idx", minilm, tokenizer_name="t", chunk_tokens=128, chunk_overlap=0).close()
+    assert f"{len(chunks)}/{len(chunks)}" in capsys.readouterr().err

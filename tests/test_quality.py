@@ -21,7 +21,7 @@ from benchmarks.quality import (
     summarise,
 )
 from benchmarks.stats import paired, spearman
-from selection.selector import Selector
+from selection.selector import SelectOptions, Selector
 from tests.conftest import SMALL_CORPUS_FILES, STDLIB, tiny_llama_dir
 
 CONFIG = Config(
@@ -144,8 +144,8 @@ def test_prompts_take_one_document_per_family(tmp_path, tokenizer):
 def test_adaptive_steps_match_the_product_rule(small_index, minilm, min_gain):
     selector = Selector(small_index, minilm)
     prompt = "split a shell command line into tokens, respecting quotes"
-    full = selector.select([prompt], 12, candidates=40)[0]
-    adaptive = selector.select([prompt], 12, candidates=40, min_gain=min_gain, step_tokens=128)[0]
+    full = selector.select([prompt], SelectOptions(12, candidates=40))[0]
+    adaptive = selector.select([prompt], SelectOptions(12, candidates=40, min_gain=min_gain, step_tokens=128))[0]
     steps = adaptive_steps(full.sigma2, min_gain, 128, 12)
     assert len(adaptive.documents) == steps
     assert [d.id for d in adaptive.documents] == [d.id for d in full.documents][:steps]

@@ -172,7 +172,7 @@ def test_the_answer_comes_from_the_adapter(client, served, default_model_dir, mi
 
     from adapters.config import TrainerConfig
     from adapters.trainer import Trainer, TrainRequest
-    from selection.selector import Selector
+    from selection.selector import SelectOptions, Selector
 
     text = "import csv\nwith open('data.csv', newline='') as f:\n    for row in csv.reader(f):\n        print(row)"
 
@@ -186,7 +186,7 @@ def test_the_answer_comes_from_the_adapter(client, served, default_model_dir, mi
     adapted, report = score({})
     assert report["adapter"] and max(abs(a - b) for a, b in zip(adapted, base, strict=True)) > 1e-2
     index = CorpusIndex.load(served[2], minilm)
-    picked = Selector(index, minilm).select([text], 2, candidates=30)[0]
+    picked = Selector(index, minilm).select([text], SelectOptions(2, candidates=30))[0]
     assert [d.id for d in picked.documents] == [d["id"] for d in report["documents"]]
     trainer = Trainer(default_model_dir, TrainerConfig(**TRAINER))
     result = trainer.train(TrainRequest(documents=[d.text for d in picked.documents]))

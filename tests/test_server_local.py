@@ -12,6 +12,7 @@ import openai
 import pytest
 import torch
 
+from selection.selector import SelectOptions
 from serving.app import create_app
 from serving.config import Settings
 from serving.openai_server import local_server
@@ -344,7 +345,7 @@ async def test_operator_switch_and_whitespace_prompts(raw, server, monkeypatch):
 
 async def test_one_invalid_prompt_fails_only_itself_in_a_selection_batch(server):
     selector = server.clients["selector"].service
-    queries = [SelectQuery(p, 2, "sift", 0.01, None, 10) for p in ("csv rows", "   ", "heap queue")]
+    queries = [SelectQuery(p, SelectOptions(2, candidates=10)) for p in ("csv rows", "   ", "heap queue")]
     outcomes = await asyncio.gather(*(selector.select(q) for q in queries), return_exceptions=True)
     assert isinstance(outcomes[1], ValueError)
     assert len(outcomes[0].documents) == 2 and len(outcomes[2].documents) == 2

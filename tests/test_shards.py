@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from selection.index import CorpusIndex, IndexMismatchError
-from selection.selector import Selector
+from selection.selector import SelectOptions, Selector
 from selection.shards import ShardedIndex, load_index, merge_candidates, split_index
 from serving.cli import app
 
@@ -47,8 +47,8 @@ def test_merged_top_k_equals_unsharded(sharded, small_index, minilm, k):
 
 @pytest.mark.parametrize("method", ["sift", "nn", "nn_f"])
 def test_selections_equal_unsharded(sharded, small_index, minilm, method):
-    whole = Selector(small_index, minilm).select(PROMPTS, 8, method=method, candidates=40)
-    split = Selector(sharded, minilm).select(PROMPTS, 8, method=method, candidates=40)
+    whole = Selector(small_index, minilm).select(PROMPTS, SelectOptions(8, method, candidates=40))
+    split = Selector(sharded, minilm).select(PROMPTS, SelectOptions(8, method, candidates=40))
     for a, b in zip(whole, split, strict=True):
         assert [d.row for d in a.documents] == [d.row for d in b.documents]
         assert [d.text for d in a.documents] == [d.text for d in b.documents]

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from selection import select, select_batch
+from selection import Method, select, select_batch
+from selection.config import SelectionConfig
+from selection.selector import SelectOptions
 from selection.stopping import step_threshold
 
 
@@ -243,6 +245,20 @@ def test_bad_arguments_are_clear_errors(kwargs, message):
     args = {"n": 3, **kwargs}
     with pytest.raises(ValueError, match=message):
         select(target, candidates, **args)
+
+
+def test_one_vocabulary_names_the_rules():
+    """The enum is what the config, the API and the Selector accept; its error lists every rule."""
+    assert Method.parse("nn_f") is Method.NN_F and select(*random_problem(5, 4), 2, method="nn").method is Method.NN
+    with pytest.raises(ValueError, match="choose one of sift, nn, nn_f, uncertainty, random"):
+        Method.parse("SIFT")
+    with pytest.raises(ValueError, match="unknown selection method 'bm25'"):
+        SelectOptions(3, "bm25")
+    with pytest.raises(ValueError, match="candidates must be positive"):
+        SelectOptions(3, candidates=0)
+    assert SelectOptions(3, "random") == SelectOptions(3, Method.RANDOM)  # equal options batch together
+    configured = SelectOptions.from_config(SelectionConfig(method="nn", max_picks=7, min_gain=0.2), step_tokens=64)
+    assert configured == SelectOptions(7, Method.NN, min_gain=0.2, step_tokens=64)
 
 
 def test_bad_tensors_are_clear_errors():

@@ -9,6 +9,7 @@ which always have a pick.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from enum import StrEnum
 from typing import Protocol
 
 import torch
@@ -26,24 +27,39 @@ class Rule(Protocol):
     def pick(self, kernel: ConditionedKernel, step: int) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
+class Method(StrEnum):
+    """The selection rules by name: the one vocabulary the API, the configuration and the benchmarks use."""
+
+    SIFT = "sift"
+    NN = "nn"
+    NN_F = "nn_f"
+    UNCERTAINTY = "uncertainty"
+    RANDOM = "random"
+
+    @classmethod
+    def parse(cls, name: str) -> Method:
+        """The rule called `name`, or a ValueError that lists the rules."""
+        try:
+            return cls(name)
+        except ValueError:
+            raise ValueError(f"unknown selection method {name!r}; choose one of {', '.join(cls)}") from None
+
+
 def make_rule(
-    method: str,
+    method: Method | str,
     kernel: ConditionedKernel,
     keys: Sequence[Sequence[Hashable]] | None,
     seed: int,
 ) -> Rule:
     """Build the rule named `method` for the batch held by `kernel`."""
-    if method == "sift":
-        return Sift()
-    if method == "uncertainty":
-        return UncertaintySampling()
-    if method == "nn":
-        return NearestNeighbours(kernel, keys=None, dedupe=False)
-    if method == "nn_f":
-        return NearestNeighbours(kernel, keys=keys, dedupe=True)
-    if method == "random":
-        return RandomOrder(kernel, seed=seed)
-    raise ValueError(f"unknown selection method {method!r}; choose one of {', '.join(METHODS)}")
-
-
-METHODS = ("sift", "nn", "nn_f", "uncertainty", "random")
+    match Method.parse(method):
+        case Method.SIFT:
+            return Sift()
+        case Method.UNCERTAINTY:
+            return UncertaintySampling()
+        case Method.NN:
+            return NearestNeighbours(kernel, keys=None, dedupe=False)
+        case Method.NN_F:
+            return NearestNeighbours(kernel, keys=keys, dedupe=True)
+        case Method.RANDOM:
+            return RandomOrder(kernel, seed=seed)
