@@ -117,6 +117,32 @@ def greedy_hf(model_dir: Path, prompt: str, adapter_path: Path | None = None, de
     return out[0, ids.shape[1] :].tolist()
 
 
+def greedy_vllm(model_dir: Path, prompt: str, adapter_path: Path, **engine: object) -> tuple[list[int], list[int]]:
+    """16 greedy tokens from vLLM in float32 without and with the LoRA adapter at `adapter_path`, for
+    comparison with `greedy_hf`; `engine` adds engine arguments (a GPU memory share)."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    llm = LLM(
+        model=str(model_dir),
+        enable_lora=True,
+        max_lora_rank=16,
+        max_loras=1,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=512,
+        **engine,
+    )
+    try:
+        params = SamplingParams(max_tokens=16, temperature=0)
+        base = llm.generate([prompt], params)[0].outputs[0].token_ids
+        lora = LoRARequest(adapter_path.name, 1, str(adapter_path))
+        adapted = llm.generate([prompt], params, lora_request=lora)[0].outputs[0].token_ids
+    finally:
+        del llm
+    return list(base), list(adapted)
+
+
 def free_port() -> int:
     import socket
 

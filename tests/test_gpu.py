@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from adapters.config import TrainerConfig
 from adapters.trainer import Trainer, TrainRequest
 from selection import select_batch
-from tests.conftest import STDLIB, greedy_hf, tiny_llama_dir
+from tests.conftest import STDLIB, greedy_hf, greedy_vllm, tiny_llama_dir
 
 DEVICE = os.environ.get("SIFT_SERVE_GPU_TEST_DEVICE", "cuda")
 TOKENIZER = os.environ.get("SIFT_SERVE_GPU_TEST_TOKENIZER")
@@ -108,8 +108,6 @@ def test_a_bf16_adapter_loads_in_vllm_with_the_greedy_output_of_peft(default_mod
     so greedy decoding is comparable token for token) against transformers + peft."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    import vllm
-    from vllm.lora.request import LoRARequest
 
     trainer = Trainer(
         default_model_dir,
@@ -121,22 +119,6 @@ def test_a_bf16_adapter_loads_in_vllm_with_the_greedy_output_of_peft(default_mod
         hf_base = greedy_hf(default_model_dir, PROMPT, device=DEVICE)
         hf_lora = greedy_hf(default_model_dir, PROMPT, files.path, device=DEVICE)
         assert hf_base != hf_lora
-        llm = vllm.LLM(
-            model=str(default_model_dir),
-            enable_lora=True,
-            max_lora_rank=16,
-            max_loras=1,
-            dtype="float32",
-            enforce_eager=True,
-            max_model_len=512,
-            gpu_memory_utilization=0.3,
-        )
-        try:
-            params = vllm.SamplingParams(max_tokens=16, temperature=0)
-            base = llm.generate([PROMPT], params)[0].outputs[0].token_ids
-            lora = LoRARequest(files.name, 1, str(files.path))
-            adapted = llm.generate([PROMPT], params, lora_request=lora)[0].outputs[0].token_ids
-        finally:
-            del llm
-    assert list(base) == hf_base
-    assert list(adapted) == hf_lora
+        base, adapted = greedy_vllm(default_model_dir, PROMPT, files.path, gpu_memory_utilization=0.3)
+    assert base == hf_base
+    assert adapted == hf_lora

@@ -9,7 +9,7 @@ import pytest
 
 from adapters.config import TrainerConfig
 from adapters.trainer import Trainer, TrainRequest
-from tests.conftest import STDLIB, greedy_hf
+from tests.conftest import STDLIB, greedy_hf, greedy_vllm
 
 pytestmark = pytest.mark.slow
 
@@ -45,27 +45,9 @@ def test_a_few_steps_lower_the_loss_of_real_text(trained):
 def test_adapter_loads_in_vllm_and_changes_greedy_output_like_peft(trained, default_model_dir):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
-
     _, _, _, files = trained
     hf_base, hf_lora = greedy_hf(default_model_dir, PROMPT), greedy_hf(default_model_dir, PROMPT, files.path)
     assert hf_base != hf_lora
-    llm = LLM(
-        model=str(default_model_dir),
-        enable_lora=True,
-        max_lora_rank=16,
-        max_loras=1,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=512,
-    )
-    try:
-        params = SamplingParams(max_tokens=16, temperature=0)
-        base = llm.generate([PROMPT], params)[0].outputs[0].token_ids
-        lora = LoRARequest(files.name, 1, str(files.path))
-        adapted = llm.generate([PROMPT], params, lora_request=lora)[0].outputs[0].token_ids
-    finally:
-        del llm
-    assert list(base) == hf_base
-    assert list(adapted) == hf_lora
+    base, adapted = greedy_vllm(default_model_dir, PROMPT, files.path)
+    assert base == hf_base
+    assert adapted == hf_lora
