@@ -46,13 +46,13 @@ class Method(StrEnum):
 
 
 def make_rule(
-    method: Method | str,
+    method: Method,
     kernel: ConditionedKernel,
     keys: Sequence[Sequence[Hashable]] | None,
     seed: int,
 ) -> Rule:
-    """Build the rule named `method` for the batch held by `kernel`."""
-    match Method.parse(method):
+    """Build the rule `method` (parsed by the caller, `Method.parse`) for the batch held by `kernel`."""
+    match method:
         case Method.SIFT:
             return Sift()
         case Method.UNCERTAINTY:
