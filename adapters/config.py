@@ -29,4 +29,4 @@ class TrainerConfig(Strict):
     )
     max_batch: int = Field(4, gt=0, le=256, description="requests trained together in one forward/backward")
     max_waiting: int = Field(64, gt=0, description="requests that may wait for a slot before refusal")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="seeds each adapter's initialisation (a request may set its own)")

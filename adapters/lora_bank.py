@@ -10,7 +10,8 @@ holds the A (S, r, in) and B (S, out, r) of all S slots as two float32 parameter
 Kaiming-uniform from the request's seed, B zero), gathers its rows' weights with one `index_select` each
 and applies them with two batched matmuls: no loop over requests inside a layer, and gradients land only
 in the slots the batch used (per projection: a gradient the size of that projection's A and B, never of
-the whole bank). The per-row slots are set around a forward with `use`.
+the whole bank). The per-row slots are set around a forward with `use`. LoRA dropout follows the model's
+mode: active after `model.train()`, off after `model.eval()` (scoring and generation are deterministic).
 
 Exports are PEFT directories (the tensor names and `adapter_config.json` PEFT writes), which vLLM and
 `PeftModel` load as they are.
@@ -44,7 +45,7 @@ class _AdaptedLinear(nn.Module):
             return out
         a = self.lora_a.index_select(0, bank.rows)  # (B, r, in)
         b = self.lora_b.index_select(0, bank.rows)  # (B, out, r)
-        h = bank.dropout(x.to(a.dtype))
+        h = nn.functional.dropout(x.to(a.dtype), bank.dropout, self.training)  # model.eval() turns it off
         delta = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))
         return out + (bank.scaling * delta).to(out.dtype)
 
@@ -57,7 +58,7 @@ class LoRABank(nn.Module):
     ) -> None:
         super().__init__()
         self.rank, self.scaling = rank, alpha / rank
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.dropout = dropout
         self.rows: torch.Tensor | None = None
         targets = [
             (name, module)
@@ -110,6 +111,11 @@ class LoRABank(nn.Module):
             out[f"base_model.model.{layer.name}.lora_A.weight"] = layer.lora_a[slot].detach().clone()
             out[f"base_model.model.{layer.name}.lora_B.weight"] = layer.lora_b[slot].detach().clone()
         return out
+
+    @torch.no_grad()
+    def finite(self, slot: int) -> bool:
+        """Whether every weight of `slot` is finite (a diverged adapter is never exported)."""
+        return all(bool(torch.isfinite(p[slot]).all()) for p in self.lora_parameters())
 
     @torch.no_grad()
     def load(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:

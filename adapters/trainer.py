@@ -13,8 +13,10 @@ go on. Trained in a batch or alone, a request's adapter is the same (within floa
 
 Per request: one step per picked document in pick order (a repeated pick is another step), causal-LM
 loss on the document truncated to `max_train_tokens`. Which documents, and so the adaptive stopping
-rule, is selection's decision; the trainer stops early only for `max_steps`, the time budget or
-cancellation. The base weights are frozen and never written; the adapter is exported as a PEFT
+rule, is selection's decision; the trainer stops early only for `max_steps`, the time budget,
+cancellation, or divergence (a non-finite loss or weights: the adapter is discarded, never exported).
+A step that raises is retried in halves of its batch, so only the request that causes it fails; an
+error outside a step fails the requests it touched and the loop goes on. The base weights are frozen and never written; the adapter is exported as a PEFT
 adapter in bytes (`AdapterBlob`): the trainer writes nothing to disk.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -77,6 +80,8 @@ class TrainRequest:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
         if self.max_train_tokens is not None and self.max_train_tokens < 2:
             raise ValueError(f"max_train_tokens must be >= 2, got {self.max_train_tokens}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -89,15 +94,17 @@ class TrainStep:
 
 @dataclass
 class TrainResult:
-    """The adapter (None when no step was taken or the request was cancelled) and what it cost."""
+    """The adapter (None when no step was taken, or the request was cancelled or diverged) and what it cost."""
 
     adapter: AdapterBlob | None
     steps: int
     stop_reason: StopReason
-    """The request's `documents_end` when every document was trained on, else max_steps, time_budget
-    or cancelled."""
+    """The request's `documents_end` when every document was trained on, else max_steps, time_budget,
+    cancelled or diverged."""
     losses: list[float] = field(default_factory=list)
+    """One finite loss per step taken."""
     tokens: int = 0
+    """Tokens trained on (the sum of the steps' sequence lengths)."""
     train_seconds: float = 0.0
     export_seconds: float = 0.0
     queue_seconds: float = 0.0
@@ -248,6 +255,8 @@ class Trainer:
             self._loop_thread.start()
 
     def _loop(self) -> None:
+        """Admit, retire, step, until idle. Whatever raises fails only the requests it touched, never the loop
+        (a dead loop would leave every later request waiting)."""
         while True:
             with self._cond:
                 self._admit()
@@ -256,28 +265,32 @@ class Trainer:
                         self._loop_thread = None  # idle: the next request starts a new loop
                         return
                     continue
-            for job, reason in [(j, r) for j in self._active if (r := self._stop_reason(j)) is not None]:
-                self._finish(job, reason)
-            if self._active:
-                jobs = list(self._active)
+            for job in list(self._active):
                 try:
-                    self._step(jobs)
-                except Exception as exc:  # the batch's requests fail (their callers answer without an adapter)
-                    log.exception("training step failed for %d requests", len(jobs))
-                    for job in jobs:
-                        self._fail(job, exc)
+                    reason = self._stop_reason(job)
+                except Exception as exc:
+                    self._fail(job, exc)
+                    continue
+                if reason is not None:
+                    self._finish(job, reason)
+            if self._active:
+                self._step(list(self._active))
 
     def _admit(self) -> None:
-        """Give free slots to waiting requests, oldest first (called with the lock held)."""
+        """Give free slots to waiting requests, oldest first (called with the lock held). A request whose
+        adapter or optimizer cannot be set up fails alone."""
         while self._free and self._waiting:
             job = self._waiting.popleft()
             job.slot = self._free.pop(0)
-            seed = self.config.seed if job.request.seed is None else job.request.seed
-            self.bank.reset(job.slot, seed)
-            lr = job.request.learning_rate or self.config.learning_rate
-            self.optimizer.reset(job.slot, lr, self.config.weight_decay)
             job.started = time.monotonic()
             self._active.append(job)
+            try:
+                seed = self.config.seed if job.request.seed is None else job.request.seed
+                self.bank.reset(job.slot, seed)
+                lr = job.request.learning_rate or self.config.learning_rate
+                self.optimizer.reset(job.slot, lr, self.config.weight_decay)
+            except Exception as exc:
+                self._fail(job, exc)
 
     def _stop_reason(self, job: _Job) -> StopReason | None:
         """Why `job` takes no further step, or None to go on (checked before each of its steps)."""
@@ -303,10 +316,14 @@ class Trainer:
         train_seconds = time.monotonic() - (job.started or job.arrived)
         adapter, export_seconds = None, 0.0
         try:
-            if job.losses and reason != StopReason.CANCELLED:
-                started = time.monotonic()
-                adapter = self.export(job.slot)
-                export_seconds = time.monotonic() - started
+            if job.losses and reason not in (StopReason.CANCELLED, StopReason.DIVERGED):
+                if self.bank.finite(job.slot):
+                    started = time.monotonic()
+                    adapter = self.export(job.slot)
+                    export_seconds = time.monotonic() - started
+                else:
+                    log.warning("%s: the adapter has non-finite weights; discarded", job.request.request_id)
+                    reason = StopReason.DIVERGED
         except Exception as exc:
             self._fail(job, exc)
             return
@@ -324,6 +341,7 @@ class Trainer:
         job.done.set()
 
     def _fail(self, job: _Job, exc: BaseException) -> None:
+        log.error("%s: training failed: %s", job.request.request_id, exc, exc_info=exc)
         if job in self._active:
             self._release_slot(job)
         job.error = exc
@@ -344,35 +362,49 @@ class Trainer:
         return None
 
     def _step(self, jobs: list[_Job]) -> None:
-        """One optimizer step for each job, in one forward and backward pass."""
-        batch = [(job, ids) for job in jobs if (ids := self._next_sequence(job)) is not None]
+        """One optimizer step for each job, in as few forward and backward passes as succeed."""
+        batch = []
+        for job in jobs:
+            try:
+                ids = self._next_sequence(job)
+            except Exception as exc:
+                self._fail(job, exc)
+                continue
+            if ids is not None:
+                batch.append((job, ids))
+        self._train(batch)
+
+    def _train(self, batch: list[tuple[_Job, torch.Tensor]]) -> None:
+        """One step for `batch`. A forward or backward that raises (out of memory: one long request pads the
+        whole batch) is retried in halves, so the request that makes it fail fails alone."""
         if not batch:
             return
-        width = max(ids.numel() for _, ids in batch)
-        input_ids = torch.full((len(batch), width), self._pad, dtype=torch.long, device=self.config.device)
-        mask = torch.zeros_like(input_ids)
-        for row, (_, ids) in enumerate(batch):
-            input_ids[row, : ids.numel()] = ids
-            mask[row, : ids.numel()] = 1
-        slots = [job.slot for job, _ in batch]
-        self.model.train()
         try:
-            with self.bank.use(slots):
-                logits = self.model(input_ids=input_ids, attention_mask=mask).logits
-            # Targets are the inputs shifted left, -100 (ignored) past each sequence's end: no copy of the logits.
-            targets = torch.nn.functional.pad(input_ids.masked_fill(mask == 0, -100)[:, 1:], (0, 1), value=-100)
-            token_loss = torch.nn.functional.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-            ).view(targets.shape)
-            predicted = (targets != -100).sum(1)
-            per_sequence = token_loss.sum(1) / predicted  # each sequence's mean over its own tokens
-            per_sequence.sum().backward()
-            self.optimizer.step(slots)
+            losses = self._forward_backward(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                self._fail(batch[0][0], exc)
+                return
+            log.warning("a training step of %d requests failed (%s); retrying it in halves", len(batch), exc)
+            half = len(batch) // 2
+            self._train(batch[:half])
+            self._train(batch[half:])
+            return
+        finite = [(job, ids, loss) for (job, ids), loss in zip(batch, losses, strict=True) if math.isfinite(loss)]
+        try:
+            self.optimizer.step([job.slot for job, _, _ in finite])
+        except Exception as exc:
+            for job, _ in batch:
+                self._fail(job, exc)
+            return
         finally:
             for param in self.bank.lora_parameters():
                 param.grad = None
-            self.model.eval()
-        for (job, ids), loss in zip(batch, per_sequence.detach().tolist(), strict=True):
+        for job, _ in batch:
+            if not any(job is j for j, _, _ in finite):
+                log.warning("%s: non-finite training loss; the adapter is discarded", job.request.request_id)
+                self._finish(job, StopReason.DIVERGED)
+        for job, ids, loss in finite:
             job.losses.append(loss)
             job.tokens += ids.numel()
             if job.progress is not None:
@@ -380,3 +412,33 @@ class Trainer:
                     job.progress(TrainStep(len(job.losses), loss))
                 except Exception:  # a broken callback must not fail the batch
                     log.exception("%s: progress callback failed", job.request.request_id)
+
+    def _forward_backward(self, batch: list[tuple[_Job, torch.Tensor]]) -> list[float]:
+        """Each sequence's mean loss over its own tokens; gradients of the finite ones land in their slots
+        (a sequence whose loss is not finite contributes no gradient, so its batch-mates are unaffected)."""
+        width = max(ids.numel() for _, ids in batch)
+        input_ids = torch.full((len(batch), width), self._pad, dtype=torch.long, device=self.config.device)
+        mask = torch.zeros_like(input_ids)
+        for row, (_, ids) in enumerate(batch):
+            input_ids[row, : ids.numel()] = ids
+            mask[row, : ids.numel()] = 1
+        self.model.train()
+        try:
+            with self.bank.use([job.slot for job, _ in batch]):
+                logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+            # Targets are the inputs shifted left, -100 (ignored) past each sequence's end: no copy of the logits.
+            targets = torch.nn.functional.pad(input_ids.masked_fill(mask == 0, -100)[:, 1:], (0, 1), value=-100)
+            token_loss = torch.nn.functional.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+            ).view(targets.shape)
+            per_sequence = token_loss.sum(1) / (targets != -100).sum(1)  # each sequence's mean over its tokens
+            finite = torch.isfinite(per_sequence)
+            if finite.any():
+                per_sequence[finite].sum().backward()
+        except BaseException:
+            for param in self.bank.lora_parameters():
+                param.grad = None
+            raise
+        finally:
+            self.model.eval()
+        return per_sequence.detach().tolist()

@@ -55,6 +55,8 @@ class StopReason(StrEnum):
     """The next step would have overrun the wall-clock budget."""
     CANCELLED = "cancelled"
     """The client went away."""
+    DIVERGED = "diverged"
+    """Training produced a non-finite loss or weights; the adapter was discarded and the base model answered."""
     ERROR = "error"
     """Training failed; the base model answered."""
 
