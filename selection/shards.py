@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import faiss
 import numpy as np
@@ -32,6 +32,7 @@ from selection.store import DocStore, StoredChunk
 log = logging.getLogger(__name__)
 
 _COPY_BATCH = 10_000
+T = TypeVar("T")
 
 
 class Shard(Protocol):
@@ -86,14 +87,23 @@ def merge_candidates(parts: Sequence[Candidates], k: int) -> Candidates:
     return Candidates(rows=rows, scores=np.where(rows >= 0, scores, 0.0), vectors=vectors)
 
 
-class ShardedIndex:
-    """The shards of one index, searched in parallel and merged; a drop-in for `CorpusIndex` in a `Selector`."""
+class ShardTimeoutError(TimeoutError):
+    """A shard did not answer within the index's timeout: the search fails as a whole, once, whatever the
+    number of prompts in it (retrying prompt by prompt would only wait again)."""
 
-    def __init__(self, manifest: dict[str, Any], shards: Sequence[Shard]) -> None:
+
+class ShardedIndex:
+    """The shards of one index, searched in parallel and merged; a drop-in for `CorpusIndex` in a `Selector`.
+
+    With `timeout_s`, a call that some shard has not answered within that many seconds raises
+    `ShardTimeoutError` after one timeout (the shards are asked in parallel)."""
+
+    def __init__(self, manifest: dict[str, Any], shards: Sequence[Shard], timeout_s: float | None = None) -> None:
         if len(shards) != shard_count(manifest):
             raise ValueError(f"the index has {shard_count(manifest)} shards but {len(shards)} were given")
         self.manifest = manifest
         self.shards = list(shards)
+        self.timeout_s = timeout_s
         self._pool = ThreadPoolExecutor(len(self.shards), thread_name_prefix="shard-search")
 
     @property
@@ -107,8 +117,7 @@ class ShardedIndex:
         """The k candidates with the largest |cos| over all shards for each of the (B, d) queries."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         k = min(k, len(self))
-        parts = list(self._pool.map(lambda shard: shard.search(queries, k), self.shards))
-        return merge_candidates(parts, k)
+        return merge_candidates(self._ask([lambda shard=shard: shard.search(queries, k) for shard in self.shards]), k)
 
     def chunks(self, rows: Iterable[int]) -> list[StoredChunk]:
         """The stored chunks of global `rows`, in that order, each read from the shard that holds it."""
@@ -116,10 +125,21 @@ class ShardedIndex:
         by_shard: dict[int, list[int]] = {}
         for r in rows:
             by_shard.setdefault(r % len(self.shards), []).append(r)
-        found: dict[int, StoredChunk] = {}
-        for i, wanted in by_shard.items():
-            found.update((c.row, c) for c in self.shards[i].chunks(wanted))
+        calls = [lambda i=i, wanted=wanted: self.shards[i].chunks(wanted) for i, wanted in by_shard.items()]
+        found = {c.row: c for part in self._ask(calls) for c in part}
         return [found[r] for r in rows]
+
+    def _ask(self, calls: list[Callable[[], T]]) -> list[T]:
+        """Run the calls on the shards' threads in parallel; their results in order, within one timeout."""
+        futures = [self._pool.submit(call) for call in calls]
+        _, pending = wait(futures, timeout=self.timeout_s)
+        if pending:
+            for future in pending:
+                future.cancel()
+            raise ShardTimeoutError(
+                f"{len(pending)} of {len(futures)} index shards did not answer within {self.timeout_s:g} s"
+            )
+        return [future.result() for future in futures]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

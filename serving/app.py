@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.errors import APIError
-from serving.logs import accept_request_id, install, request_id_var
+from serving.logs import accept_request_id, install, loggable_names, request_id_var
 from serving.metrics import PrometheusMetrics
 from serving.openai_server import OpenAIServer
 from serving.protocol import (
@@ -30,9 +30,14 @@ from serving.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     HealthResponse,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
 )
 
 log = logging.getLogger(__name__)
@@ -152,6 +157,17 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     return APIError(400, f"{message} (param: {param})" if param else message, param=param)
 
 
+UNMATCHED = "unmatched"
+"""The metrics label of every request whose path matches no route: a path a client types never becomes a
+label (unbounded series, request text in metrics)."""
+
+
+def route_label(scope: Scope) -> str:
+    """The route's path template (e.g. `/v1/chat/completions`) as routing matched it, else `UNMATCHED`."""
+    route = scope.get("route")
+    return getattr(route, "path", None) or UNMATCHED
+
+
 def create_app(server: OpenAIServer, behind_serve_proxy: bool = False) -> FastAPI:
     """The FastAPI app around `server`: routes, error handlers and middleware from its settings.
 
@@ -163,7 +179,7 @@ def create_app(server: OpenAIServer, behind_serve_proxy: bool = False) -> FastAP
     app.state.server = server
 
     def count(request: Request, status: int) -> None:
-        server.metrics.request(request.scope.get("route_path", request.url.path), status)
+        server.metrics.request(route_label(request.scope), status)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -189,7 +205,7 @@ def create_app(server: OpenAIServer, behind_serve_proxy: bool = False) -> FastAP
 
     async def generate(request: Request, body: ChatCompletionRequest | CompletionRequest, route) -> Response:
         if body.ignored_fields:
-            log.warning("ignoring unsupported request fields: %s", ", ".join(body.ignored_fields))
+            log.warning("ignoring unsupported request fields: %s", loggable_names(body.ignored_fields))
         result = await route(body, request.state.request_id)
         count(request, 200)
         if isinstance(result, AsyncIterator):
@@ -207,6 +223,14 @@ def create_app(server: OpenAIServer, behind_serve_proxy: bool = False) -> FastAP
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**_ERRORS, 200: {"content": _STREAM}})
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await generate(request, body, server.completion)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        return await server.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return await server.detokenize(body)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def models() -> ModelList:

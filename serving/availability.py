@@ -33,6 +33,20 @@ class Unavailable(APIError):
         )
 
 
+class Overloaded(APIError):
+    """429: a deployment behind the Ingress refused the call because its queue is full (Ray Serve's
+    `max_queued_requests`); in OpenAI's error shape, with Retry-After."""
+
+    def __init__(self, part: str, retry_after_s: float) -> None:
+        super().__init__(
+            429,
+            f"The {part} is at capacity; retry shortly.",
+            "server_error",
+            code="overloaded",
+            retry_after=max(1, math.ceil(retry_after_s)),
+        )
+
+
 class ServeAvailability:
     """Running replicas per deployment of one Serve application, refreshed every `interval_s` seconds.
 

@@ -219,8 +219,15 @@ def serve_cmd(
         list[str] | None, typer.Option(help="require this bearer key (repeat for several)", show_default=False)
     ] = None,
     max_model_len: Annotated[int | None, typer.Option(help="context length (capped by the model's own)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="vLLM: weights' dtype (auto, float32, bfloat16, ...)")] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM: GPUs one engine spans")] = None,
+    quantization: Annotated[str | None, typer.Option(help="vLLM: quantization method (awq, gptq, fp8, ...)")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(help="vLLM: share of GPU memory")] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(help="vLLM: sequences decoded together")] = None,
+    chat_template: Annotated[str | None, typer.Option(help="a Jinja chat template or a file with one")] = None,
 ) -> None:
-    """Start Ray locally and serve the OpenAI-compatible API with test-time training."""
+    """Start Ray locally and serve the OpenAI-compatible API with test-time training. The vLLM flags carry
+    vLLM's names; any other engine argument goes in the config file's `generator.engine_args`."""
     import signal
     import threading
 
@@ -237,16 +244,30 @@ def serve_cmd(
         models__base_model=model,
         generator__engine=engine,
         generator__max_model_len=max_model_len,
+        generator__dtype=dtype,
+        generator__gpu_memory_utilization=gpu_memory_utilization,
+        generator__chat_template=chat_template,
     )
+    vllm_flags = {
+        "tensor_parallel_size": tensor_parallel_size,
+        "quantization": quantization,
+        "max_num_seqs": max_num_seqs,
+    }
+    try:
+        extra = {key: value for key, value in vllm_flags.items() if value is not None}
+        settings.generator.engine_args = {**settings.generator.engine_args, **extra}
+    except ValidationError as exc:
+        raise _fail(str(exc)) from exc
     if index is not None:
         settings.index_path = index
     try:
+        _check_start_up(settings)
         if settings.index_path is None:
             ensure_default_index(settings.models, settings.index)
         from serving.services import open_index
 
         open_index(settings)[0].close()  # refuse a mismatched index or model before starting anything
-    except (FileNotFoundError, IndexMismatchError, CorpusError) as exc:
+    except (OSError, ValueError, IndexMismatchError, CorpusError) as exc:
         raise _fail(str(exc)) from exc
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -284,10 +305,28 @@ def serve_cmd(
         ray.shutdown()
 
 
+def _check_start_up(settings: Settings) -> None:
+    """What can be refused before Ray starts: API keys, the chat template, vLLM's engine argument names."""
+    from serving.openai_server import load_chat_template
+
+    settings.server.keys()
+    load_chat_template(settings.generator.chat_template)
+    if settings.generator.engine == "vllm":
+        from infra.config import resolve_device
+        from serving.engines.vllm_engine import engine_args
+        from serving.services import model_dir
+
+        model = model_dir(settings)
+        device = resolve_device(settings.trainer.device)
+        engine_args(model, settings.generator, settings.trainer.rank, device, settings.generator.max_model_len)
+
+
 @deploy_app.command("config")
 def deploy_config(config: ConfigOption = None) -> None:
     """Print the Ray Serve config (for `serve deploy`, or KubeRay's serveConfigV2) of these settings."""
-    from serving.serve_config import render
+    from serving.serve_config import KEYS_NOT_WRITTEN, render
 
     settings = _settings(config)
+    if settings.server.api_keys:
+        err.print(f"[yellow]note:[/yellow] {KEYS_NOT_WRITTEN}")
     typer.echo(render(settings, "sift-serve deploy config" + (f" --config {config}" if config else "")), nl=False)

@@ -1,6 +1,7 @@
 """One calling convention for the services, whether they are local objects or Ray Serve deployments.
 
-`check` refuses at once (503, `Unavailable`) when the service cannot answer; `call` awaits a method's
+`check` refuses at once (503, `Unavailable`) when the service cannot answer, and a call its deployment's
+full queue refuses is a 429 (`Overloaded`) in OpenAI's shape; `call` awaits a method's
 result; `stream` iterates a method that yields. The OpenAI server is written against this, so it runs
 unchanged in tests (local objects) and in Ray Serve (DeploymentHandles). Streams are async generators:
 closing one (`contextlib.aclosing`) closes or cancels what it iterates at once, so a client that goes away
@@ -20,7 +21,7 @@ import numpy as np
 
 from selection.index import Candidates
 from selection.store import StoredChunk
-from serving.availability import ServeAvailability, Unavailable
+from serving.availability import Overloaded, ServeAvailability, Unavailable
 
 
 class LocalClient:
@@ -103,6 +104,8 @@ class HandleClient:
             raise Unavailable(self.part, self.retry_after_s)
         try:
             return work.result()
+        except _QUEUE_FULL as exc:
+            raise Overloaded(self.part, self.retry_after_s) from exc
         except _REPLICA_GONE as exc:
             raise Unavailable(self.part, self.retry_after_s) from exc
 
@@ -121,11 +124,11 @@ class ShardClient:
         return self.handle.chunks.remote([int(r) for r in rows]).result(timeout_s=self.timeout_s)
 
 
-def _replica_gone() -> tuple[type[BaseException], ...]:
+def _ray_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
     from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError
 
-    return (RayActorError, BackPressureError)
+    return (BackPressureError,), (RayActorError,)
 
 
-_REPLICA_GONE = _replica_gone()
+_QUEUE_FULL, _REPLICA_GONE = _ray_errors()

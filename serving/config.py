@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -31,6 +31,19 @@ class ContextMode(StrEnum):
     """Only into the adapter (test-time training)."""
     PREPEND = "prepend"
     """Also into the prompt, before the user's text (in-context retrieval), up to a token budget."""
+
+
+OWN_ENGINE_ARGS = {
+    "model": "set by models.base_model",
+    "max_model_len": "set generator.max_model_len",
+    "dtype": "set generator.dtype",
+    "gpu_memory_utilization": "set generator.gpu_memory_utilization",
+    "max_loras": "set generator.max_loras",
+    "max_cpu_loras": "set generator.max_cpu_loras",
+    "enable_lora": "always on (every adapted answer is a LoRA)",
+    "max_lora_rank": "follows trainer.rank",
+}
+"""vLLM engine arguments that sift-serve sets from its own settings, and where to set them instead."""
 
 
 class GeneratorConfig(Strict):
@@ -51,6 +64,22 @@ class GeneratorConfig(Strict):
     adapter_dir: Path | None = Field(
         None, description="where this node writes the adapters it loads (default: tmpfs, /dev/shm, if present)"
     )
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template, or the path of a file with one (default: the tokenizer's own)"
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="more vLLM engine arguments by their vLLM names (tensor_parallel_size, quantization, "
+        "max_num_seqs, enable_prefix_caching, ...); vLLM checks them when the engine starts",
+    )
+
+    @field_validator("engine_args")
+    @classmethod
+    def _not_ours(cls, args: dict[str, Any]) -> dict[str, Any]:
+        for key in args:
+            if key in OWN_ENGINE_ARGS:
+                raise ValueError(f"generator.engine_args.{key}: {OWN_ENGINE_ARGS[key]}")
+        return args
 
     @model_validator(mode="after")
     def _cpu_loras(self) -> GeneratorConfig:
@@ -118,6 +147,12 @@ class ServerConfig(Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (default: none)")
     heartbeat_s: float = Field(10.0, gt=0, le=10, description="SSE comment interval while a stream is silent")
+    shard_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="a sharded index's search that a shard leaves unanswered this long fails once, "
+        "for the whole batch; its requests are answered by the base model",
+    )
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may schedule on (default: all)")
     ingress: Resources = Field(
         default_factory=lambda: Resources(num_cpus=0.25, max_ongoing_requests=64, max_queued_requests=64)
@@ -130,19 +165,47 @@ class ServerConfig(Strict):
     trainer: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5, max_ongoing_requests=64))
     generator: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5, max_ongoing_requests=64))
 
+    @field_validator("api_keys")
+    @classmethod
+    def _real_keys(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            _check_key(key, "server.api_keys")
+        return keys
+
     @model_validator(mode="after")
     def _stateful_parts_fixed(self) -> ServerConfig:
         for name in ("trainer", "generator", "shard"):
             if getattr(self, name).autoscaling is not None:
                 raise ValueError(f"server.{name} keeps state (a model or an index shard): give it fixed replicas")
+        if self.selector.autoscaling is not None and self.selector.autoscaling.min_replicas == 0:
+            raise ValueError(
+                "server.selector.autoscaling.min_replicas must be >= 1: a request needs a running Selector "
+                "replica to be admitted, so a Selector scaled to zero would never scale up again"
+            )
         return self
 
     def keys(self) -> list[str]:
-        """Every accepted API key: the configured list plus the key file's non-empty lines."""
+        """Every accepted API key: the configured list plus the key file's non-empty lines. A key file
+        without any key is an error (auth would silently be off)."""
         keys = list(self.api_keys)
         if self.api_key_file is not None:
-            keys += [line.strip() for line in Path(self.api_key_file).read_text().splitlines() if line.strip()]
+            lines = [line.strip() for line in Path(self.api_key_file).read_text().splitlines()]
+            from_file = [line for line in lines if line]
+            if not from_file:
+                raise ValueError(f"server.api_key_file {self.api_key_file} holds no key")
+            keys += from_file
         return keys
+
+
+def _check_key(key: str, where: str) -> None:
+    """An API key must be a real secret: empty or blank keys would match a request without credentials."""
+    if not key.strip():
+        raise ValueError(
+            f"{where} holds an empty or blank key, which would let requests without a key in; "
+            "remove it (was --api-key given an unset variable?)"
+        )
+    if key != key.strip():
+        raise ValueError(f"{where} holds a key with leading or trailing white space; remove the white space")
 
 
 _file_data: ContextVar[Mapping[str, Any] | None] = ContextVar("sift_serve_config_file", default=None)

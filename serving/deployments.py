@@ -30,8 +30,6 @@ from serving.services import GeneratorService, SelectorService, ShardService, Tr
 
 log = logging.getLogger(__name__)
 
-SHARD_TIMEOUT_S = 30.0  # a shard that does not answer a search within this fails the selection
-
 
 @serve.deployment
 @serve.ingress()
@@ -79,7 +77,8 @@ class ShardedSelector(SelectorService):
     runs SIFT once on the merged candidates."""
 
     def __init__(self, settings: Settings, shards: list[DeploymentHandle]) -> None:
-        super().__init__(settings, [ShardClient(handle, SHARD_TIMEOUT_S) for handle in shards])
+        timeout = settings.server.shard_timeout_s
+        super().__init__(settings, [ShardClient(handle, timeout) for handle in shards])
 
 
 def deployment_options(resources: Resources, name: str) -> dict[str, Any]:

@@ -162,6 +162,8 @@ class CompletionFormat(_Format):
         super().__init__(tokenizer, model_name, job)
         self.req = req
         self.scoring = req.max_tokens == 0  # echo the prompt with its logprobs, generate nothing
+        self._offsets: dict[int, int] = {}
+        """Per streamed choice, the text offset where its next chunk's first token starts."""
 
     def chunk(self, choices: list[CompletionChoice] | None = None, **extra) -> CompletionChunk:
         return CompletionChunk(choices=choices or [], **self.envelope(), **extra)
@@ -204,8 +206,10 @@ class CompletionFormat(_Format):
             return None
         logprobs = None
         if self.req.logprobs is not None:
-            offset = len(output.choices[chunk.index].text) - len(chunk.text) if not first else 0
+            offset = self._offsets.get(chunk.index, 0)
             logprobs = self.logprobs(self._entries(output, chunk.token_ids, chunk.logprobs or [], first), offset)
+            if logprobs.tokens:  # the next chunk goes on where this one ends, as in the whole response
+                self._offsets[chunk.index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
         finish = ("length" if self.scoring else chunk.finish_reason) if chunk.finish_reason else None
         choice = CompletionChoice(index=chunk.index, text=text, logprobs=logprobs, finish_reason=finish)
         return self.chunk([choice], adaptation=self.job.report if output.done else None)

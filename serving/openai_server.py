@@ -9,10 +9,13 @@ share; each route only says how its responses look (`serving.formats`).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
+from pathlib import Path
+from typing import Any
 
 from adapters.trainer import TrainStep
 from serving.clients import LocalClient
@@ -26,12 +29,19 @@ from serving.pipeline import Adapted, Job, Pipeline, Selected, plan_adaptation
 from serving.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     HealthResponse,
     ModelCard,
     ModelList,
     SelectedEvent,
+    StreamOptions,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
     TrainingEvent,
     UsageInfo,
     now,
@@ -65,6 +75,8 @@ class OpenAIServer:
         self.model_name = model_name
         self.sampling_defaults = sampling_defaults
         self.api_keys = settings.server.keys()
+        self.chat_template = load_chat_template(settings.generator.chat_template)
+        self._template_knows_tool_calls = "tool_calls" in (self.chat_template or tokenizer.chat_template or "")
         self.created = now()
         self.metrics = metrics or PrometheusMetrics()
         self.pipeline = Pipeline(selector, trainer, generator, self.metrics)
@@ -98,12 +110,30 @@ class OpenAIServer:
 
     # ---- request preparation -----------------------------------------------------------------------
 
-    def _chat_prompt_ids(self, req: ChatCompletionRequest, documents: Sequence[str] = ()) -> list[int]:
-        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        documents: Sequence[str] = (),
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[int]:
+        """The conversation as prompt ids through the chat template, with `documents` (if any) as a leading
+        system message. Replayed tool calls reach the template as `tool_calls` where it reads them, else as
+        JSON text in the assistant's content, so the model sees them either way."""
+        rendered = [template_message(m, self._template_knows_tool_calls) for m in messages]
         if documents:
-            messages.insert(0, {"role": "system", "content": PREAMBLE + "\n\n" + as_text(documents).strip()})
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            rendered.insert(0, {"role": "system", "content": PREAMBLE + "\n\n" + as_text(documents).strip()})
+        ids = self.tokenizer.apply_chat_template(
+            rendered,
+            chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=True,
+        )
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def _chat_prompt_ids(self, req: ChatCompletionRequest, documents: Sequence[str] = ()) -> list[int]:
+        return self.render_chat(req.messages, documents)
 
     def _completion_prompt_ids(self, req: CompletionRequest, documents: Sequence[str] = ()) -> list[int]:
         text = as_text(documents) + req.prompt if documents else req.prompt
@@ -149,6 +179,11 @@ class OpenAIServer:
                 param,
             )
         sampling = req.to_sampling(limit if limit is not None else min(default_max, room), self.sampling_defaults)
+        if sampling.min_tokens > sampling.max_tokens:
+            raise bad_request(
+                f"min_tokens ({sampling.min_tokens}) must not be larger than max_tokens ({sampling.max_tokens})",
+                "min_tokens",
+            )
         job = Job(request_id or uuid.uuid4().hex, query, prompt_ids, sampling, plan)
         if context:
             render = self._chat_prompt_ids if isinstance(req, ChatCompletionRequest) else self._completion_prompt_ids
@@ -156,6 +191,35 @@ class OpenAIServer:
                 documents, budget, lambda docs: render(req, docs), len(prompt_ids)
             )
         return job
+
+    # ---- tokenizer routes ----------------------------------------------------------------------------
+
+    async def tokenize(self, req: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        """vLLM's /tokenize: the ids a prompt or conversation becomes (chat: through the chat template)."""
+        if req.model is not None:
+            self.check_model(req.model)
+
+        def ids() -> list[int]:
+            if isinstance(req, TokenizeChatRequest):
+                ids = self.render_chat(req.messages, (), req.add_generation_prompt, req.continue_final_message)
+                if req.add_special_tokens and self.tokenizer.bos_token_id is not None:
+                    ids = [self.tokenizer.bos_token_id, *ids]
+                return ids
+            return list(self.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids)
+
+        tokens = await asyncio.to_thread(ids)
+        strs = self.tokenizer.convert_ids_to_tokens(tokens) if req.return_token_strs else None
+        return TokenizeResponse(count=len(tokens), max_model_len=self.max_model_len, tokens=tokens, token_strs=strs)
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        """vLLM's /detokenize: the text of token ids (ids outside the vocabulary are a 400)."""
+        if req.model is not None:
+            self.check_model(req.model)
+        vocabulary = len(self.tokenizer)
+        for position, token in enumerate(req.tokens):
+            if token >= vocabulary:
+                raise bad_request(f"token {token} is outside the vocabulary (size {vocabulary})", f"tokens.{position}")
+        return DetokenizeResponse(prompt=await asyncio.to_thread(self.tokenizer.decode, req.tokens))
 
     # ---- routes ------------------------------------------------------------------------------------
 
@@ -176,8 +240,8 @@ class OpenAIServer:
     async def _respond(self, job: Job, fmt: ChatFormat | CompletionFormat, req):
         self.pipeline.check(job)  # a part that is down is a 503 now, not after a stream has begun
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._sse(job, fmt, include_usage)
+            options = req.stream_options or StreamOptions()
+            return self._sse(job, fmt, options.include_usage, options.include_usage and options.continuous_usage_stats)
         output = Output.of(job.sampling.n)
         async with aclosing(self.pipeline.run(job)) as events:
             async for event in events:
@@ -185,11 +249,18 @@ class OpenAIServer:
                     output.add(event)
         return fmt.response(output, len(job.prompt_ids))
 
-    async def _sse(self, job: Job, fmt: ChatFormat | CompletionFormat, include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(
+        self, job: Job, fmt: ChatFormat | CompletionFormat, include_usage: bool, continuous_usage: bool
+    ) -> AsyncIterator[str]:
         """The one SSE emitter: progress (when asked for), an opening chunk per choice, token chunks, usage,
-        [DONE]; an SSE comment whenever the stream would otherwise stay silent for `heartbeat_s`."""
+        [DONE]; an SSE comment whenever the stream would otherwise stay silent for `heartbeat_s`. With
+        `continuous_usage` (vLLM's continuous_usage_stats) the opening and token chunks carry usage so far."""
         output = Output.of(job.sampling.n)
         progress = job.plan.progress
+
+        def usage() -> UsageInfo:
+            return UsageInfo.of(len(job.prompt_ids), fmt.completion_tokens(output))
+
         async for event in with_heartbeat(self.pipeline.run(job), self.settings.server.heartbeat_s):
             if event is None:
                 yield ": keep-alive\n\n"
@@ -203,15 +274,43 @@ class OpenAIServer:
                 if progress:
                     yield sse_data(fmt.chunk(adaptation=TrainingEvent(step=event.step, loss=event.loss)))
             elif isinstance(event, Adapted):
-                yield sse_data(fmt.opening(event.report))
+                opening = fmt.opening(event.report)
+                opening.usage = usage() if continuous_usage else None
+                yield sse_data(opening)
             else:
                 first = output.add(event)
                 chunk = fmt.delta(event, output, first)
                 if chunk is not None:
+                    chunk.usage = usage() if continuous_usage else None
                     yield sse_data(chunk)
         if include_usage:
-            yield sse_data(fmt.chunk(usage=UsageInfo.of(len(job.prompt_ids), fmt.completion_tokens(output))))
+            yield sse_data(fmt.chunk(usage=usage()))
         yield "data: [DONE]\n\n"
+
+
+def load_chat_template(template: str | None) -> str | None:
+    """The configured chat template: the Jinja template itself, or the path of a file holding one (as vLLM's
+    --chat-template); None keeps the tokenizer's own."""
+    if template is None or "{{" in template or "{%" in template:
+        return template
+    path = Path(template)
+    if not path.is_file():
+        raise FileNotFoundError(f"generator.chat_template is neither a Jinja template nor a file: {template}")
+    return path.read_text()
+
+
+def template_message(message: ChatMessage, knows_tool_calls: bool) -> dict[str, Any]:
+    """One message as chat templates take it (`developer` is `system` to them)."""
+    out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
+    if message.tool_calls:
+        calls = [call.model_dump(exclude_none=True) for call in message.tool_calls]
+        if knows_tool_calls:
+            out["tool_calls"] = calls
+        else:
+            out["content"] = "\n".join(part for part in (out["content"], json.dumps(calls)) if part)
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
 
 
 def local_server(settings: Settings) -> OpenAIServer:

@@ -10,6 +10,7 @@ the engine and the disk whatever ends the request (answer, error, disconnect bef
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -204,7 +205,7 @@ class Pipeline:
         if plan.context is ContextMode.PREPEND and job.with_context is not None:
             texts = [d.text for d in picked.documents]
             before = len(job.prompt_ids)
-            job.prompt_ids, used = job.with_context(texts, plan.context_tokens)
+            job.prompt_ids, used = await asyncio.to_thread(job.with_context, texts, plan.context_tokens)
             report.context = report.documents[:used]
             report.context_tokens = len(job.prompt_ids) - before
         yield Selected(report.documents, report.sigma2, picked.stop_reason)
@@ -249,11 +250,13 @@ class Pipeline:
         if result is None:
             self._failed(report, "training ended without a result")
             return
-        report.steps, report.losses = result.steps, result.losses
+        report.steps, report.losses, report.train_tokens = result.steps, result.losses, result.tokens
         report.timings.queue = result.queue_seconds
         report.timings.train = result.train_seconds + result.export_seconds
         report.stop_reason = result.stop_reason
         report.adapter = result.adapter is not None
+        if result.stop_reason is StopReason.DIVERGED:
+            report.error = "training diverged (a non-finite loss); answered by the base model"
         self.metrics.stage("train", report.timings.train)
         self.metrics.steps(result.steps)
 

@@ -3,7 +3,9 @@
 Requests follow vLLM's server where OpenAI is silent: unknown top-level fields are accepted and ignored
 (the server logs their names), vLLM's sampling extensions pass through, and fields that would change the
 answer but are not implemented (`tools`, a non-text `response_format`, `logit_bias`, `suffix`) are
-refused. The `adaptation` object is strict: an unknown key there is an error. Each request converts
+refused. The `adaptation` object is strict: an unknown key there is an error. A conversation may replay
+tool calls (assistant `tool_calls`, `tool` messages): they are rendered through the chat template, though
+no tool parser runs here. Each request converts
 itself to engine-neutral `Sampling`. Response and stream-chunk models sit beside the requests.
 """
 
@@ -99,6 +101,7 @@ class AdaptationReport(BaseModel):
     documents: list[DocumentRef] = Field(default_factory=list)
     sigma2: list[float] = Field(default_factory=list)
     steps: int = 0
+    train_tokens: int = Field(0, description="tokens trained on, summed over the steps (to bill and cap training)")
     stop_reason: StopReason = StopReason.DISABLED
     adapter: bool = False
     losses: list[float] = Field(default_factory=list)
@@ -133,8 +136,12 @@ ProgressEvent = Annotated[SelectedEvent | TrainingEvent, Field(discriminator="st
 # ---- requests --------------------------------------------------------------------------------------
 
 
-class StreamOptions(_Strict):
+class StreamOptions(_Lenient):
+    """OpenAI's stream options and vLLM's `continuous_usage_stats`; unknown keys are ignored with a warning,
+    as unknown top-level fields are."""
+
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="vLLM extension: usage on every chunk (with include_usage)")
 
 
 class TextPart(BaseModel):
@@ -144,12 +151,31 @@ class TextPart(BaseModel):
     text: Text
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    name: Text
+    arguments: Text = Field(description="the call's arguments as the model wrote them (JSON text)")
+
+
+class ToolCall(BaseModel):
+    """A tool call an assistant made earlier in the conversation (replayed history; no tool runs here)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's earlier tool calls")
+    tool_call_id: Text | None = Field(None, description="the call a `tool` message answers")
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -180,6 +206,13 @@ class _SamplingRequest(_Lenient):
     user: str | None = None
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
     adaptation: AdaptationOptions | None = None
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        unknown = (
+            [f"stream_options.{key}" for key in (self.stream_options.model_extra or {})] if self.stream_options else []
+        )
+        return sorted([*super().ignored_fields, *unknown])
 
     @field_validator("stop")
     @classmethod
@@ -424,6 +457,47 @@ class CompletionChunk(BaseModel):
     choices: list[CompletionChoice] = Field(default_factory=list)
     usage: UsageInfo | None = None
     adaptation: AdaptationReport | ProgressEvent | None = None
+
+
+# ---- tokenizer routes (vLLM's /tokenize and /detokenize) -------------------------------------------
+
+
+class TokenizeCompletionRequest(_Strict):
+    model: str | None = None
+    prompt: Text
+    add_special_tokens: bool = Field(True, description="add the tokenizer's special tokens (e.g. BOS)")
+    return_token_strs: bool = Field(False, description="also return each token as text")
+
+
+class TokenizeChatRequest(_Strict):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = Field(True, description="end with the assistant's turn opening, as a chat request")
+    continue_final_message: bool = Field(False, description="leave the last message open (no end-of-turn)")
+    add_special_tokens: bool = Field(False, description="special tokens on top of what the chat template adds")
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_ending(self) -> TokenizeChatRequest:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("set at most one of add_generation_prompt and continue_final_message")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0, lt=_LONG)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

@@ -60,7 +60,7 @@ def open_index(settings: Settings, shards: list[Shard] | None = None) -> tuple[C
     if len(shards) != shard_count(manifest):
         raise ValueError(f"{directory} has {shard_count(manifest)} shards, but {len(shards)} shard services were given")
     check_embedder(manifest, embedder, directory)
-    return ShardedIndex(manifest, shards), embedder
+    return ShardedIndex(manifest, shards, settings.server.shard_timeout_s), embedder
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ class SelectQuery:
 class SelectorService:
     """Selection for prompts; concurrent calls are batched into one `Selector.select` per parameter set.
 
-    A batch that fails is retried prompt by prompt, so one bad prompt fails only its own request.
+    A batch that fails is retried prompt by prompt, so one bad prompt fails only its own request; a batch
+    that an index shard did not answer in time fails as a whole, after one timeout (`ShardTimeoutError`).
     """
 
     def __init__(self, settings: Settings, shards: list[Shard] | None = None) -> None:
@@ -106,6 +107,8 @@ class SelectorService:
         for items in groups.values():
             try:
                 outcomes: list[SelectionResult | Exception] = list(self._run([q for q, _ in items]))
+            except TimeoutError as exc:  # a shard did not answer: no prompt's fault, and each would wait again
+                outcomes = [exc] * len(items)
             except Exception:
                 outcomes = []
                 for query, _ in items:  # find the culprit: each prompt alone

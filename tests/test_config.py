@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from serving.config import Settings
@@ -83,3 +86,40 @@ def test_cli_flags_override_env_and_file(config_file, monkeypatch):
         "m",
     )
     assert settings.generator.max_model_len == 512 and settings.trainer.rank == 8  # the file's other keys stay
+
+
+@pytest.mark.parametrize("key", ["", "   ", " padded "])
+def test_empty_or_blank_api_keys_are_refused_from_every_source(key, tmp_path, monkeypatch):
+    """An empty key would match a request without credentials: refused at start-up, whatever its source."""
+    with pytest.raises(ValidationError, match="server.api_keys"):
+        Settings.load(None, {"server": {"api_keys": [key]}})
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"server": {"api_keys": ["good", key]}}))
+    with pytest.raises(ValidationError, match="server.api_keys"):
+        Settings.load(config)
+    monkeypatch.setenv("SIFT_SERVE_SERVER__API_KEYS", json.dumps([key]))
+    with pytest.raises(ValidationError, match="server.api_keys"):
+        Settings.load(None)
+
+
+def test_a_key_file_without_keys_is_refused(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("\n   \n")
+    settings = Settings.load(None, {"server": {"api_key_file": str(keys)}})
+    with pytest.raises(ValueError, match="holds no key"):
+        settings.server.keys()
+
+
+def test_the_cli_refuses_an_empty_api_key_before_starting_anything():
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--api-key", ""])
+    assert result.exit_code == 2 and "empty or blank key" in result.output
+
+
+def test_a_selector_scaled_to_zero_is_refused():
+    """A request is admitted only while the Selector has a running replica, so it could never scale up."""
+    with pytest.raises(ValidationError, match="min_replicas must be >= 1"):
+        Settings.load(None, {"server": {"selector": {"num_cpus": 0.25, "autoscaling": {"min_replicas": 0}}}})

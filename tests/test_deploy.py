@@ -126,3 +126,13 @@ def test_images_install_what_the_readme_installs(image):
     readme = _readme_commands()
     for command in installs:
         assert command in readme, f"{image} runs `{command}`, which the README does not tell users to run"
+
+
+def test_api_keys_never_reach_the_serve_config():
+    settings = Settings.load(ROOT / CLUSTER, {"server": {"api_keys": ["sk-very-secret"]}})
+    text = render(settings, COMMAND)
+    assert "sk-very-secret" not in text and "SIFT_SERVE_SERVER__API_KEYS" in text
+    (application,) = yaml.safe_load(text)["applications"]
+    assert "api_keys" not in application["args"].get("server", {})
+    service = (DEPLOY / "kuberay" / "rayservice.yaml").read_text()
+    assert "SIFT_SERVE_SERVER__API_KEYS" in service and "secretKeyRef" in service

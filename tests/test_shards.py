@@ -85,3 +85,33 @@ def test_cli_shards_an_index(small_index, tmp_path):
         app, ["index", "shard", str(tmp_path / "nope"), "--out", str(tmp_path / "t"), "--shards", "2"]
     )
     assert result.exit_code != 0 and "not a sift-serve index" in result.output
+
+
+async def test_a_hung_shard_costs_one_timeout_per_batch(small_index, tmp_path):
+    """A shard that sleeps past `server.shard_timeout_s` fails the whole selection batch once (its requests
+    are answered by the base model), instead of a retry per prompt that waits the timeout again each time."""
+    import asyncio
+    import time
+
+    from selection.shards import LocalShard, ShardTimeoutError, shard_dir
+    from serving.config import Settings
+    from serving.services import SelectorService, SelectQuery
+
+    out = split_index(small_index.directory, tmp_path / "idx", 2, progress=False)
+
+    class Sleepy(LocalShard):
+        def search(self, queries, k):
+            time.sleep(3.0)
+            return super().search(queries, k)
+
+    settings = Settings.model_validate({"index_path": str(out), "server": {"shard_timeout_s": 0.5}})
+    service = SelectorService(settings, [LocalShard(shard_dir(out, 0)), Sleepy(shard_dir(out, 1))])
+    options = SelectOptions(n=2, candidates=10)
+    started = time.monotonic()
+    results = await asyncio.gather(*(service.select(SelectQuery(p, options)) for p in PROMPTS), return_exceptions=True)
+    elapsed = time.monotonic() - started
+    assert all(isinstance(r, ShardTimeoutError) for r in results), results
+    # At most two batches (the first prompt may go alone), each given up after one 0.5 s timeout: about 1 s.
+    # A retry per prompt would wait 0.5 s more per prompt (3.5 s), and without a timeout the shard's 3 s.
+    assert elapsed < 2.25, elapsed
+    service.selector.index.close()

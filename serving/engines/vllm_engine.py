@@ -55,6 +55,32 @@ def _logprob_dict(entry, chosen: int | None) -> TokenLogprobs:
     return out
 
 
+def engine_args(model_dir: Path, config: GeneratorConfig, adapter_rank: int, device: str, max_model_len: int):
+    """vLLM's AsyncEngineArgs: sift-serve's settings, then `config.engine_args` (vLLM's own names). A name
+    vLLM does not have is a ValueError naming it; vLLM checks the values when the engine starts."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    unknown = sorted(set(config.engine_args) - known)
+    if unknown:
+        raise ValueError(f"generator.engine_args: vLLM has no engine argument {', '.join(map(repr, unknown))}")
+    ours = {
+        "model": str(model_dir),
+        "dtype": config.dtype if config.dtype != "auto" else ("float32" if device == "cpu" else "auto"),
+        "max_model_len": max_model_len,
+        "enable_lora": True,
+        "max_lora_rank": engine_lora_rank(adapter_rank),
+        "max_loras": config.max_loras,
+        "max_cpu_loras": max(config.max_cpu_loras or config.max_loras, config.max_loras),
+        "enforce_eager": device == "cpu",
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+        "disable_log_stats": True,
+    }
+    return AsyncEngineArgs(**{**ours, **config.engine_args})
+
+
 class VLLMGenerator:
     """vLLM AsyncLLM with per-request LoRA adapters."""
 
@@ -70,23 +96,10 @@ class VLLMGenerator:
         if device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        dtype = config.dtype if config.dtype != "auto" else ("float32" if device == "cpu" else "auto")
         self.max_model_len = context_length(model_dir, config)
-        args = AsyncEngineArgs(
-            model=str(model_dir),
-            dtype=dtype,
-            max_model_len=self.max_model_len,
-            enable_lora=True,
-            max_lora_rank=engine_lora_rank(adapter_rank),
-            max_loras=config.max_loras,
-            max_cpu_loras=max(config.max_cpu_loras or config.max_loras, config.max_loras),
-            enforce_eager=device == "cpu",
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            disable_log_stats=True,
-        )
+        args = engine_args(model_dir, config, adapter_rank, device, self.max_model_len)
         loggers = None
         if ray_metrics:
             from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
