@@ -392,7 +392,8 @@ class Trainer:
             return
         finite = [(job, ids, loss) for (job, ids), loss in zip(batch, losses, strict=True) if math.isfinite(loss)]
         try:
-            self.optimizer.step([job.slot for job, _, _ in finite])
+            if finite:
+                self.optimizer.step([job.slot for job, _, _ in finite])
         except Exception as exc:
             for job, _ in batch:
                 self._fail(job, exc)

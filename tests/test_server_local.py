@@ -540,19 +540,31 @@ async def test_disconnect_during_training(live, server):
     await eventually_clean(server)
 
 
-async def test_tokenisation_does_not_block_the_event_loop(raw, server, monkeypatch):
+@pytest.mark.parametrize("context", [False, True], ids=["prompt", "documents-in-context"])
+async def test_tokenisation_does_not_block_the_event_loop(raw, server, monkeypatch, context):
+    """Rendering a huge prompt, or fitting documents before it (context: prepend, up to ~7 renderings), runs
+    off the Ingress's event loop: other requests are answered meanwhile."""
     import time
+
+    from serving.context import PREAMBLE
 
     tokenize = server.tokenizer.apply_chat_template
 
-    def slow(*args, **kwargs):
-        time.sleep(1.0)  # a huge prompt
-        return tokenize(*args, **kwargs)
+    def slow(messages, *args, **kwargs):
+        if not context or PREAMBLE in messages[0]["content"]:
+            time.sleep(1.0)  # a huge prompt, or documents being fitted
+        return tokenize(messages, *args, **kwargs)
 
     monkeypatch.setattr(server.tokenizer, "apply_chat_template", slow)
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1, "adaptation": {"enabled": False}}
+    adaptation = {"context": "prepend", "max_steps": 0} if context else {"enabled": False}
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1, "adaptation": adaptation}
     chat = asyncio.create_task(raw.post("/v1/chat/completions", json=body))
-    await asyncio.sleep(0.2)
+    pause = 0.5 if context else 0.2  # with documents: past selection, into the fitting
+    asked = asyncio.get_running_loop().time() + pause
+    await asyncio.sleep(pause)
     health = await raw.get("/health")
+    late = asyncio.get_running_loop().time() - asked
     assert health.status_code == 200 and not chat.done()  # answered while the prompt was being tokenised
-    assert (await chat).status_code == 200
+    assert late < 0.9, late  # not after a 1 s rendering held the event loop
+    response = await chat
+    assert response.status_code == 200 and (response.json()["adaptation"]["context"] or not context)
