@@ -16,8 +16,9 @@ loss on the document truncated to `max_train_tokens`. Which documents, and so th
 rule, is selection's decision; the trainer stops early only for `max_steps`, the time budget,
 cancellation, or divergence (a non-finite loss or weights: the adapter is discarded, never exported).
 A step that raises is retried in halves of its batch, so only the request that causes it fails; an
-error outside a step fails the requests it touched and the loop goes on. The base weights are frozen and never written; the adapter is exported as a PEFT
-adapter in bytes (`AdapterBlob`): the trainer writes nothing to disk.
+error outside a step fails the requests it touched and the loop goes on. The base weights are frozen and
+never written; the adapter is exported as a PEFT adapter in bytes (`AdapterBlob`): the trainer writes
+nothing to disk.
 """
 
 from __future__ import annotations
@@ -273,8 +274,12 @@ class Trainer:
                     continue
                 if reason is not None:
                     self._finish(job, reason)
-            if self._active:
-                self._step(list(self._active))
+            jobs = list(self._active)
+            try:
+                self._step(jobs)
+            except Exception as exc:  # a failure `_step` did not pin on one request fails its whole batch
+                for job in jobs:
+                    self._fail(job, exc)
 
     def _admit(self) -> None:
         """Give free slots to waiting requests, oldest first (called with the lock held). A request whose
@@ -341,6 +346,8 @@ class Trainer:
         job.done.set()
 
     def _fail(self, job: _Job, exc: BaseException) -> None:
+        if job.done.is_set():  # already answered (finished or failed)
+            return
         log.error("%s: training failed: %s", job.request.request_id, exc, exc_info=exc)
         if job in self._active:
             self._release_slot(job)

@@ -20,31 +20,27 @@ from serving.errors import APIError
 log = logging.getLogger(__name__)
 
 
-class Unavailable(APIError):
-    """503: a part of the application has no running replica; retry after `retry_after` seconds."""
+class Refused(APIError):
+    """A part of the application cannot take the call now; the client should retry after `retry_after_s`."""
+
+    def __init__(self, status: int, message: str, code: str, retry_after_s: float) -> None:
+        super().__init__(status, message, "server_error", code=code, retry_after=max(1, math.ceil(retry_after_s)))
+
+
+class Unavailable(Refused):
+    """503: a part of the application has no running replica."""
 
     def __init__(self, part: str, retry_after_s: float) -> None:
-        super().__init__(
-            503,
-            f"The {part} is unavailable (its replica is restarting or its node is down); retry shortly.",
-            "server_error",
-            code="unavailable",
-            retry_after=max(1, math.ceil(retry_after_s)),
-        )
+        message = f"The {part} is unavailable (its replica is restarting or its node is down); retry shortly."
+        super().__init__(503, message, "unavailable", retry_after_s)
 
 
-class Overloaded(APIError):
+class Overloaded(Refused):
     """429: a deployment behind the Ingress refused the call because its queue is full (Ray Serve's
     `max_queued_requests`); in OpenAI's error shape, with Retry-After."""
 
     def __init__(self, part: str, retry_after_s: float) -> None:
-        super().__init__(
-            429,
-            f"The {part} is at capacity; retry shortly.",
-            "server_error",
-            code="overloaded",
-            retry_after=max(1, math.ceil(retry_after_s)),
-        )
+        super().__init__(429, f"The {part} is at capacity; retry shortly.", "overloaded", retry_after_s)
 
 
 class ServeAvailability:

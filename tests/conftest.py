@@ -216,3 +216,13 @@ def tiny_app_settings(model_dir: Path, index_dir: Path, **sections):
     generator = {"engine": "transformers", "max_model_len": 512, **sections.pop("generator", {})}
     base = {"models": {"base_model": str(model_dir)}, "index_path": str(index_dir), "generator": generator}
     return Settings.model_validate({**base, **sections})
+
+
+def tiny_local_server(tmp_path_factory, index_dir: Path, **sections):
+    """The whole application in this process (no Ray) on a fresh tiny random Llama named `tiny-llama`, with
+    the transformers engine, the index at `index_dir` and `sections` over the defaults."""
+    from serving.openai_server import local_server
+
+    tiny = tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+    generator = {"adapter_dir": str(tmp_path_factory.mktemp("adapters")), **sections.pop("generator", {})}
+    return local_server(tiny_app_settings(tiny, index_dir, generator=generator, **sections))

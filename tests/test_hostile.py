@@ -18,8 +18,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from serving.app import create_app
-from serving.openai_server import local_server
-from tests.conftest import tiny_app_settings, tiny_llama_dir
+from tests.conftest import tiny_local_server
 
 MODEL = "tiny-llama"
 SECRET = "zebra-quartz-7731"  # a marker that must never leak from one request into another's error
@@ -30,16 +29,15 @@ EXAMPLES = int(os.environ.get("SIFT_SERVE_FUZZ_EXAMPLES", "25"))
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, small_index):
-    tiny = tiny_llama_dir(tmp_path_factory.mktemp("tiny") / MODEL)
-    config = tiny_app_settings(
-        tiny,
+    server = tiny_local_server(
+        tmp_path_factory,
         small_index.directory,
         selection={"candidates": 20},
         trainer={"max_steps": 1, "max_train_tokens": 32},
-        generator={"max_model_len": 256, "default_max_tokens": 4, "adapter_dir": str(tmp_path_factory.mktemp("a"))},
+        generator={"max_model_len": 256, "default_max_tokens": 4},
         server={"limits": {"max_steps": 2, "candidates": 50, "n": 2}},
     )
-    return create_app(local_server(config))
+    return create_app(server)
 
 
 def assert_clean(response) -> None:

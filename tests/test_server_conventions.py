@@ -13,8 +13,7 @@ import torch
 
 from serving.app import create_app
 from serving.logs import accept_request_id
-from serving.openai_server import local_server
-from tests.conftest import tiny_app_settings, tiny_llama_dir
+from tests.conftest import tiny_local_server
 
 MODEL = "tiny-llama"
 MESSAGES = [{"role": "user", "content": "How do I read rows from a CSV file?"}]
@@ -23,15 +22,13 @@ PLAIN = {"adaptation": {"enabled": False}}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, small_index):
-    tiny = tiny_llama_dir(tmp_path_factory.mktemp("tiny") / MODEL)
-    settings = tiny_app_settings(
-        tiny,
+    return tiny_local_server(
+        tmp_path_factory,
         small_index.directory,
         selection={"candidates": 20},
         trainer={"max_steps": 2, "max_train_tokens": 32, "learning_rate": 1e-3},
-        generator={"max_model_len": 256, "default_max_tokens": 4, "adapter_dir": str(tmp_path_factory.mktemp("a"))},
+        generator={"max_model_len": 256, "default_max_tokens": 4},
     )
-    return local_server(settings)
 
 
 @pytest.fixture()
