@@ -17,6 +17,8 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
+
 from adapters.trainer import TrainStep
 from serving.clients import LocalClient
 from serving.config import ContextMode, Settings
@@ -123,13 +125,17 @@ class OpenAIServer:
         rendered = [template_message(m, self._template_knows_tool_calls) for m in messages]
         if documents:
             rendered.insert(0, {"role": "system", "content": PREAMBLE + "\n\n" + as_text(documents).strip()})
-        ids = self.tokenizer.apply_chat_template(
-            rendered,
-            chat_template=self.chat_template,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            tokenize=True,
-        )
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                rendered,
+                chat_template=self.chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tokenize=True,
+            )
+        except (ValueError, TemplateError) as exc:  # the template refused these messages: the client's to fix
+            message = f"The chat template cannot render these messages ({type(exc).__name__})."
+            raise bad_request(message, "messages") from exc
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def _chat_prompt_ids(self, req: ChatCompletionRequest, documents: Sequence[str] = ()) -> list[int]:
