@@ -1,6 +1,5 @@
 """Admission by Ray Serve: past the Ingress's `max_ongoing_requests` and `max_queued_requests`, a request is
-refused at once with 429 and Retry-After, while the admitted ones finish; past a deployment's queue behind the
-Ingress, the refusal is a 429 in OpenAI's error shape. Tiny random Llama, transformers
+refused at once with 429 and Retry-After, while the admitted ones finish. Tiny random Llama, transformers
 engine, so only Ray Serve's limits are under test."""
 
 from __future__ import annotations
@@ -24,10 +23,7 @@ def served(tmp_path_factory, small_index):
     settings = tiny_app_settings(
         tiny_llama_dir(tmp_path_factory.mktemp("tiny") / MODEL),
         small_index.directory,
-        server={
-            "ingress": {"num_cpus": 0.25, "max_ongoing_requests": 3, "max_queued_requests": 1},
-            "generator": {"num_cpus": 0.5, "max_ongoing_requests": 1, "max_queued_requests": 1},
-        },
+        server={"ingress": {"num_cpus": 0.25, "max_ongoing_requests": 1, "max_queued_requests": 1}},
     )
     with running_app(settings) as app:
         yield app.url
@@ -42,21 +38,17 @@ async def test_over_the_limits_gets_429_with_retry_after_and_the_rest_finish(ser
         "adaptation": {"enabled": False},
     }
 
-    async def send(client: httpx.AsyncClient) -> tuple[httpx.Response, float]:
+    async def send(client: httpx.AsyncClient) -> tuple[int, float, httpx.Headers]:
         started = time.monotonic()
         response = await client.post(f"{served}/v1/completions", json=body)
-        return response, time.monotonic() - started
+        return response.status_code, time.monotonic() - started, response.headers
 
     async with httpx.AsyncClient(timeout=120) as client:
         outcomes = await asyncio.gather(*(send(client) for _ in range(6)))
-    statuses = sorted(response.status_code for response, _ in outcomes)
-    refused = [(response, seconds) for response, seconds in outcomes if response.status_code == 429]
-    assert set(statuses) == {200, 429}, statuses  # 3 ongoing are admitted, 1 more may wait in the queue
-    assert all(response.headers["retry-after"] == "1" and seconds < 1.0 for response, seconds in refused)
-    # Of the 3 the Ingress admits, the Generator takes 1 and queues 1: its full queue refuses the third,
-    # inside the application, so that refusal is OpenAI's error JSON (the proxy's own is Serve's text).
-    shaped = [r.json()["error"] for r, _ in refused if r.headers["content-type"].startswith("application/json")]
-    assert shaped and all(e["code"] == "overloaded" and e["type"] == "server_error" for e in shaped), shaped
+    statuses = sorted(status for status, _, _ in outcomes)
+    refused = [(seconds, headers) for status, seconds, headers in outcomes if status == 429]
+    assert set(statuses) == {200, 429}, statuses  # 1 ongoing is admitted, 1 more may wait in the queue
+    assert all(headers["retry-after"] == "1" and seconds < 1.0 for seconds, headers in refused)
 
 
 async def test_rejected_requests_do_not_grow_memory(served):
