@@ -13,6 +13,7 @@ stops the work behind it without waiting for garbage collection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any
@@ -74,7 +75,7 @@ class HandleClient:
             return await self._unless_down(asyncio.ensure_future(response), watch)
         finally:
             watch.cancel()
-            response.cancel()  # a no-op once it has finished
+            _cancel(response)
 
     async def stream(self, method: str, *args: Any) -> AsyncIterator[Any]:
         self.check()
@@ -89,7 +90,7 @@ class HandleClient:
                 yield item
         finally:
             watch.cancel()
-            response.cancel()  # the replica's generator is closed too; a no-op once it has finished
+            _cancel(response)  # the replica's generator is closed too
 
     async def _unless_down(self, work: asyncio.Future, watch: asyncio.Future) -> Any:
         """`work`'s result, or `Unavailable` once a needed deployment has lost its last replica (or the
@@ -132,3 +133,11 @@ def _ray_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseExcep
 
 
 _QUEUE_FULL, _REPLICA_GONE = _ray_errors()
+
+
+def _cancel(response: Any) -> None:
+    """Cancel a handle call (a no-op once it has finished). Ray re-raises a call's own failure (a full queue,
+    a dead replica) from `cancel`; that failure is already reported, and must not replace the error the
+    client gets (an OpenAI-shaped 429 or 503) with Ray's."""
+    with contextlib.suppress(*_QUEUE_FULL, *_REPLICA_GONE):
+        response.cancel()

@@ -27,12 +27,6 @@ def served(tmp_path_factory, small_index):
         yield app.url
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the Ingress's HandleClient catches the Generator's BackPressureError and raises the "
-    "OpenAI-shaped Overloaded (429), yet clients receive Ray Serve 2.60's plain-text 503; where the 503 is "
-    "made is not found yet",
-)
 async def test_a_full_queue_behind_the_ingress_is_an_openai_shaped_429(served):
     body = {
         "model": MODEL,
