@@ -11,7 +11,10 @@ ratios:
 - plain request through the server / the same request on the engine directly (p50 latency, 1 client).
 
     python -m benchmarks.latency [--config FILE | --url URL] [--requests-per-client 2] [--max-tokens 32]
-        [--protocol-request '{"max_steps": 50, "max_train_tokens": 1024, "min_gain": 0}']
+        [--protocol-request '{"max_steps": 50, "max_train_tokens": 1024, "min_gain": 0}'] [--decode]
+
+`--decode` adds vLLM's decode speed without an adapter and with rank-8 and rank-16 adapters, and where the
+adapter's time goes (`benchmarks.decode_speed`, which also runs alone).
 
 `--protocol-request` adds, after the loads, one request alone with that adaptation object: the paper's
 protocol (up to 50 steps of 1024 tokens) end to end, with its stage times and steps taken.
@@ -220,6 +223,9 @@ def main() -> None:
         "--protocol-request", help="adaptation object (JSON) for one more request, sent alone after the loads"
     )
     parser.add_argument("--no-direct", action="store_true", help="skip the bare-engine comparison")
+    parser.add_argument(
+        "--decode", action="store_true", help="also vLLM's decode tokens/s without and with adapters (decode_speed)"
+    )
     parser.add_argument("--port", type=int, default=8321)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"))
     args = parser.parse_args()
@@ -257,6 +263,11 @@ def main() -> None:
         results["targets"]["plain_over_direct_p50_c1"] = (
             results["plain"][one]["e2e_p50"] / results["direct"][one]["e2e_p50"]
         )
+    if args.decode:
+        from benchmarks import decode_speed
+
+        results["decode"] = decode_speed.run(args.max_tokens)
+        results["targets"]["decode"] = results["decode"]["summary"]
     print(json.dumps(results["targets"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
