@@ -226,3 +226,11 @@ def tiny_local_server(tmp_path_factory, index_dir: Path, **sections):
     tiny = tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "tiny-llama")
     generator = {"adapter_dir": str(tmp_path_factory.mktemp("adapters")), **sections.pop("generator", {})}
     return local_server(tiny_app_settings(tiny, index_dir, generator=generator, **sections))
+
+
+@contextlib.contextmanager
+def running_tiny_app(tmp_path_factory, index_dir: Path, **sections) -> Iterator[Served]:
+    """`running_app` on a fresh tiny random Llama named `tiny-llama` (transformers engine) over `index_dir`."""
+    tiny = tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+    with running_app(tiny_app_settings(tiny, index_dir, **sections)) as app:
+        yield app

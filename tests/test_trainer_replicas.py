@@ -8,7 +8,7 @@ import asyncio
 import openai
 import pytest
 
-from tests.conftest import running_app, tiny_app_settings, tiny_llama_dir
+from tests.conftest import running_tiny_app
 
 pytestmark = pytest.mark.slow
 
@@ -17,15 +17,14 @@ MODEL = "tiny-llama"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, small_index):
-    settings = tiny_app_settings(
-        tiny_llama_dir(tmp_path_factory.mktemp("tiny") / MODEL),
+    with running_tiny_app(
+        tmp_path_factory,
         small_index.directory,
         selection={"candidates": 20, "min_gain": 0},
         trainer={"max_steps": 3, "max_train_tokens": 32, "max_batch": 2},
         generator={"default_max_tokens": 4},
         server={"trainer": {"num_cpus": 0.25, "replicas": 2}},
-    )
-    with running_app(settings) as app:
+    ) as app:
         yield app.url
 
 
