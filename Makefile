@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine (both idempotent):
 #   make serve   set everything up, then start the server on the embedded default
-#   make test    set everything up, then run lint and the test suite (what CI runs)
+#   make test    set everything up, then run lint, the type check and the test suite (what CI runs)
 #   make setup EXTRA=gpu   the GPU stack instead (vLLM's CUDA build, faiss-gpu); what the GPU image runs
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
@@ -27,6 +27,7 @@ test: $(VENV_STAMP)
 	.venv/bin/sift-serve models fetch
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/mypy
 	.venv/bin/python -m pytest -q -ra
 
 bench: setup

@@ -1,2 +1,4 @@
-"""Test-time training: the `Trainer` that fits a temporary LoRA adapter per prompt, its configuration,
-and the adapter directories it hands over (`AdapterHandle`) with their lifecycle."""
+"""Test-time training: the `Trainer` that schedules requests into the adapter slots of a `BatchedStep`
+(one forward and backward for all of them), the contract it is called with (`spec`: `TrainSpec`,
+`TrainRequest`, `TrainStep`, `TrainResult`), its configuration, and the adapter as it leaves the trainer
+(`AdapterBlob`: PEFT bytes) and as a node writes it to disk (`AdapterHandle`, owned and deleted)."""

@@ -1,4 +1,5 @@
-"""Configuration of the test-time trainer (a section of `serving.config.Settings`)."""
+"""Configuration of the test-time trainer (a section of `serving.config.Settings`): the adapter's shape and
+the training engine's. How long and how fast one request trains is per request (`adapters.spec.TrainSpec`)."""
 
 from __future__ import annotations
 
@@ -12,21 +13,17 @@ LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 
 
 class TrainerConfig(Strict):
-    """How a temporary LoRA adapter is fitted per prompt. Defaults fit a 2-core CPU (a request in seconds)."""
+    """The adapters the trainer fits (LoRA shape, optimizer) and where it runs."""
 
     rank: int = Field(16, gt=0, le=256)
     lora_alpha: float = Field(32.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_PROJECTIONS))
-    learning_rate: float = Field(5e-4, gt=0, le=1.0)
     weight_decay: float = Field(0.0, ge=0)
-    max_steps: int = Field(4, ge=0, le=1000, description="most optimizer steps (one per picked document)")
-    max_train_tokens: int = Field(256, ge=2, le=32768, description="documents are truncated to this")
-    time_budget_s: float | None = Field(20.0, gt=0, description="wall-clock budget for training")
     device: str = Field("cpu", description="cpu, cuda, cuda:0, ... or auto (CUDA when the replica sees a GPU)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on a GPU that supports it, else float32"
     )
     max_batch: int = Field(4, gt=0, le=256, description="requests trained together in one forward/backward")
     max_waiting: int = Field(64, gt=0, description="requests that may wait for a slot before refusal")
-    seed: int = Field(0, ge=0, lt=2**63, description="seeds each adapter's initialisation (a request may set its own)")
+    seed: int = Field(0, ge=0, lt=2**63, description="seeds each adapter's initialisation")

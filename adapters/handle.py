@@ -125,10 +125,6 @@ class AdapterBlob:
     def tensors(self) -> dict[str, torch.Tensor]:
         return load(self.weights)
 
-    @property
-    def size_bytes(self) -> int:
-        return len(self.weights) + len(self.config_json)
-
     def write(self, root: Path) -> AdapterHandle:
         """The adapter as a PEFT directory under `root` on this node; the handle owns (and deletes) it."""
         path = new_adapter_dir(root)

@@ -8,10 +8,11 @@ Every adapted projection y = W x becomes
 for the i-th sequence of the batch, where s(i) is the slot of the request it belongs to. Each projection
 holds the A (S, r, in) and B (S, out, r) of all S slots as two float32 parameters (PEFT's init: A
 Kaiming-uniform from the request's seed, B zero), gathers its rows' weights with one `index_select` each
-and applies them with two batched matmuls: no loop over requests inside a layer, and gradients land only
-in the slots the batch used (per projection: a gradient the size of that projection's A and B, never of
-the whole bank). The per-row slots are set around a forward with `use`. LoRA dropout follows the model's
-mode: active after `model.train()`, off after `model.eval()` (scoring and generation are deterministic).
+and applies them with two batched matmuls: no loop over requests inside a layer. Each projection's
+gradient has the shape of its whole A and B (all slots), non-zero only in the slots the batch used; the
+optimizer (`SlotAdamW`) steps only those slots. The per-row slots are set around a forward with `use`.
+LoRA dropout follows the model's mode: active after `model.train()`, off after `model.eval()` (scoring and
+generation are deterministic).
 
 Exports are PEFT directories (the tensor names and `adapter_config.json` PEFT writes), which vLLM and
 `PeftModel` load as they are.
@@ -116,10 +117,3 @@ class LoRABank(nn.Module):
     def finite(self, slot: int) -> bool:
         """Whether every weight of `slot` is finite (a diverged adapter is never exported)."""
         return all(bool(torch.isfinite(p[slot]).all()) for p in self.lora_parameters())
-
-    @torch.no_grad()
-    def load(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Put a saved adapter (PEFT names, as `tensors` gives them) into `slot`."""
-        for layer in self.layers:
-            layer.lora_a[slot].copy_(tensors[f"base_model.model.{layer.name}.lora_A.weight"])
-            layer.lora_b[slot].copy_(tensors[f"base_model.model.{layer.name}.lora_B.weight"])

@@ -56,16 +56,20 @@ class Measured:
 def make_adapters(out: Path, ranks: list[int]) -> dict[int, Path]:
     """One-step PEFT adapters of the given ranks from the project's trainer, on the default model."""
     from adapters.config import TrainerConfig
-    from adapters.trainer import Trainer, TrainRequest
+    from adapters.spec import TrainRequest, TrainSpec
+    from adapters.trainer import Trainer
     from infra.config import default_cache_dir
     from infra.models import fetch_default_model
+    from serving.config import AdaptationConfig
 
     model = fetch_default_model(default_cache_dir())
     text = (Path(sysconfig.get_paths()["stdlib"]) / "csv.py").read_text()
     paths = {}
     for rank in ranks:
-        trainer = Trainer(model, TrainerConfig(rank=rank, lora_alpha=2.0 * rank, max_steps=1))
-        adapter = trainer.train(TrainRequest(documents=[text])).adapter
+        trainer = Trainer(model, TrainerConfig(rank=rank, lora_alpha=2.0 * rank))
+        config = AdaptationConfig()
+        spec = TrainSpec(1, config.learning_rate, config.max_train_tokens, config.time_budget_s, seed=0)
+        adapter = trainer.train(TrainRequest((text,), spec)).adapter
         paths[rank] = adapter.write(out).path
     return paths
 

@@ -12,7 +12,6 @@ of a picked chunk removes almost no uncertainty at lambda' = 0.01).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
@@ -20,8 +19,9 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from selection.corpus import Chunk
-from selection.index import CorpusIndex, make_faiss_index
+from selection.corpus import CorpusChunk
+from selection.index import make_faiss_index
+from selection.manifest import Duplication, IndexManifest
 from selection.store import DocStore
 
 _BATCH = 2048
@@ -33,7 +33,7 @@ def duplicate_index(source: Path, out: Path, fraction: float = 1 / 3, copies: in
     if not 0 < fraction <= 1 or copies < 2:
         raise ValueError(f"need 0 < fraction <= 1 and copies >= 2, got {fraction}, {copies}")
     source, out = Path(source), Path(out)
-    manifest = CorpusIndex.read_manifest(source)
+    manifest = IndexManifest.read(source)
     embeddings = np.load(source / "embeddings.npy", mmap_mode="r")
     count = len(embeddings)
     chosen = np.sort(np.random.default_rng(seed).choice(count, size=round(fraction * count), replace=False))
@@ -50,7 +50,7 @@ def duplicate_index(source: Path, out: Path, fraction: float = 1 / 3, copies: in
         for start in tqdm(range(0, len(rows), _BATCH), desc="copying chunks", unit="batch"):
             stored = store.get(rows[start : start + _BATCH])
             chunks = [
-                Chunk(
+                CorpusChunk(
                     id=c.id if start + i < count else f"{c.id}#copy{1 + (start + i - count) // len(chosen)}",
                     doc_id=c.doc_id,
                     text=c.text,
@@ -64,10 +64,9 @@ def duplicate_index(source: Path, out: Path, fraction: float = 1 / 3, copies: in
     finally:
         store.close()
         copy_store.close()
-    duplicated = {"fraction": fraction, "copies": copies, "seed": seed, "chunks": len(chosen)}
-    (out / "manifest.json").write_text(
-        json.dumps({**manifest, "count": len(rows), "kind": type(index).__name__, "duplicated": duplicated}, indent=2)
-    )
+    duplicated = Duplication(fraction=fraction, copies=copies, seed=seed, chunks=len(chosen))
+    update = {"count": len(rows), "kind": type(index).__name__, "duplicated": duplicated}
+    manifest.model_copy(update=update).write(out)
     return out
 
 

@@ -183,10 +183,10 @@ run() {
       latency=(--concurrency 1 --requests-per-client 1 --max-tokens 8 --no-direct
         --protocol-request '{"max_steps": 2, "max_train_tokens": 64, "min_gain": 0}')
       # The GPU config with the CPU standing in: devices and GPU shares overridden through the environment.
-      export SIFT_SERVE_MODELS__DEVICE=cpu SIFT_SERVE_TRAINER__DEVICE=cpu SIFT_SERVE_TRAINER__MAX_BATCH=2 \
-        SIFT_SERVE_SERVER__SELECTOR__NUM_GPUS=0 SIFT_SERVE_SERVER__TRAINER__NUM_GPUS=0 \
-        SIFT_SERVE_SERVER__GENERATOR__NUM_GPUS=0 SIFT_SERVE_SERVER__TRAINER__NUM_CPUS=0.5 \
-        SIFT_SERVE_SERVER__GENERATOR__NUM_CPUS=0.5 SIFT_SERVE_GENERATOR__MAX_MODEL_LEN=2048
+      export SIFT_SERVE_MODELS__DEVICE=cpu SIFT_SERVE_TRAINER__DEVICE=cpu SIFT_SERVE_GENERATOR__DEVICE=cpu SIFT_SERVE_TRAINER__MAX_BATCH=2 \
+        SIFT_SERVE_DEPLOY__SELECTOR__NUM_GPUS=0 SIFT_SERVE_DEPLOY__TRAINER__NUM_GPUS=0 \
+        SIFT_SERVE_DEPLOY__GENERATOR__NUM_GPUS=0 SIFT_SERVE_DEPLOY__TRAINER__NUM_CPUS=0.5 \
+        SIFT_SERVE_DEPLOY__GENERATOR__NUM_CPUS=0.5 SIFT_SERVE_GENERATOR__MAX_MODEL_LEN=2048
       latency=(--config deploy/sift-serve.gpu.yaml "${latency[@]}")
       ;;
   esac

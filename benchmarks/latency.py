@@ -119,13 +119,13 @@ async def direct_engine(settings: Settings, concurrencies: list[int], per_client
     """The same plain requests on a bare vLLM AsyncLLM (no Ray, no HTTP, no adapters)."""
     from transformers import AutoTokenizer
 
-    from serving.engines import Sampling
+    from serving.contracts import GenerateRequest, Sampling
     from serving.engines.vllm_engine import VLLMGenerator
     from serving.services import model_dir
 
     model = model_dir(settings)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    generator = VLLMGenerator(model, settings.generator, settings.trainer.rank, settings.trainer.device)
+    generator = VLLMGenerator(model, settings.generator, settings.trainer.rank, settings.generator.device)
     results = {}
     try:
         for concurrency in concurrencies:
@@ -140,7 +140,8 @@ async def direct_engine(settings: Settings, concurrencies: list[int], per_client
                     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
                     started, first = time.perf_counter(), None
                     sampling = Sampling(max_tokens=max_tokens, temperature=0)
-                    async for chunk in generator.generate(f"direct-{w}-{i}", list(ids), sampling, None):
+                    request = GenerateRequest(f"direct-{w}-{i}", tuple(ids), sampling)
+                    async for chunk in generator.generate(request):
                         if chunk.text and first is None:
                             first = time.perf_counter() - started
                     e2e = time.perf_counter() - started
@@ -199,7 +200,7 @@ def serve_locally(settings: Settings, port: int, run: Callable[[str], dict]) -> 
     settings.server.port = port
     if settings.index_path is None:
         ensure_default_index(settings.models, settings.index)
-    ray.init(num_cpus=settings.server.ray_num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=settings.deploy.ray_num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build(settings), name="sift-serve", route_prefix="/")

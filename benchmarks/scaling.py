@@ -59,8 +59,8 @@ def main() -> None:
     for name, replicas, shards in CONFIGS:
         settings = base.model_copy(deep=True)
         settings.index_path = Path(whole) if shards == 1 else sharded
-        settings.server.ray_num_cpus = 4  # logical: every configuration fits, the 2 physical cores are shared
-        settings.server.ingress.replicas = settings.server.selector.replicas = replicas
+        settings.deploy.ray_num_cpus = 4  # logical: every configuration fits, the 2 physical cores are shared
+        settings.deploy.ingress.replicas = settings.deploy.selector.replicas = replicas
         print(f"== {name}", flush=True)
 
         def run(url: str) -> dict:

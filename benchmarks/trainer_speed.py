@@ -29,9 +29,11 @@ from pathlib import Path
 import torch
 
 from adapters.config import TrainerConfig
-from adapters.trainer import Trainer, TrainRequest
+from adapters.spec import TrainRequest, TrainSpec
+from adapters.trainer import Trainer
 from infra.config import default_cache_dir
 from infra.models import resolve_model
+from serving.config import AdaptationConfig
 
 FILES = ["csv.py", "heapq.py", "bisect.py", "fnmatch.py", "glob.py", "shlex.py", "textwrap.py", "string.py"]
 
@@ -90,7 +92,9 @@ def wave(trainer: Trainer, requests: list[TrainRequest]) -> dict:
     }
 
 
-def bare_loop(model_dir: Path, config: TrainerConfig, windows: list[torch.Tensor], dtype: torch.dtype) -> float:
+def bare_loop(
+    model_dir: Path, config: TrainerConfig, spec: TrainSpec, windows: list[torch.Tensor], dtype: torch.dtype
+) -> float:
     """Seconds per step of the plainest peft loop (one window per step) over the same windows."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -99,7 +103,7 @@ def bare_loop(model_dir: Path, config: TrainerConfig, windows: list[torch.Tensor
     lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules))
     model = get_peft_model(base, lora).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=1e-8)
+    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, eps=1e-8)
     times = []
     for ids in [windows[0]] + windows:  # the first is a warm-up
         start = time.perf_counter()
@@ -127,8 +131,10 @@ def main() -> None:
 
     model_dir = resolve_model(args.model, default_cache_dir())
     docs = documents(args.requests * args.steps)
-    requests = [TrainRequest(documents=docs[i * args.steps : (i + 1) * args.steps]) for i in range(args.requests)]
-    base = TrainerConfig(max_train_tokens=args.tokens, max_steps=args.steps, time_budget_s=None, device=args.device)
+    base = TrainerConfig(device=args.device)
+    rate = AdaptationConfig().learning_rate  # the server's default
+    spec = TrainSpec(args.steps, rate, args.tokens, time_budget_s=None, seed=base.seed)
+    requests = [TrainRequest(tuple(docs[i * args.steps : (i + 1) * args.steps]), spec) for i in range(args.requests)]
     results: dict = {
         "machine": {"platform": platform.platform(), "device": args.device, "threads": torch.get_num_threads()},
         "settings": {**vars(args), "out": str(args.out), "model": str(model_dir), "rank": base.rank},
@@ -139,8 +145,8 @@ def main() -> None:
     print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
     for batch in args.batches:
         trainer = Trainer(model_dir, base.model_copy(update={"max_batch": batch}))
-        flops_per_token = 4 * matmul_parameters(trainer.model)
-        trainer.train(TrainRequest(documents=docs[:1]))  # warm-up
+        flops_per_token = 4 * matmul_parameters(trainer.step.model)
+        trainer.train(TrainRequest(tuple(docs[:1]), spec))  # warm-up
         row = wave(trainer, requests)
         row["achieved_flops"] = flops_per_token * row["tokens_per_s"]
         row["share_of_peak"] = row["achieved_flops"] / peak
@@ -154,24 +160,24 @@ def main() -> None:
             exports, writes, root = [], [], Path(tempfile.mkdtemp(prefix="sift-serve-bench-"))
             for _ in range(20):
                 start = time.perf_counter()
-                blob = trainer.export(0)  # the adapter as bytes, as the Trainer hands it over
+                blob = trainer.step.export(0)  # the adapter as bytes, as the Trainer hands it over
                 exports.append(time.perf_counter() - start)
                 start = time.perf_counter()
                 blob.write(root).release()  # what the Generator does with it on its node (tmpfs here: /tmp)
                 writes.append(time.perf_counter() - start)
             results["export_s_median"], results["export_s_max"] = statistics.median(exports), max(exports)
             results["write_s_median"] = statistics.median(writes)
-            results["adapter_mb"] = trainer.bank.parameters_per_slot * 4 / 2**20
-            windows = [trainer._tokens(d, args.tokens) for d in docs[: args.steps]]
-            single = trainer.train(TrainRequest(documents=docs[: args.steps]))
+            results["adapter_mb"] = trainer.step.bank.parameters_per_slot * 4 / 2**20
+            windows = [trainer.step.tokens(d, args.tokens) for d in docs[: args.steps]]
+            single = trainer.train(TrainRequest(tuple(docs[: args.steps]), spec))
             results["trainer_step_s"] = single.train_seconds / single.steps
-            trainer_dtype = trainer.dtype
+            trainer_dtype = next(trainer.step.model.parameters()).dtype
         del trainer
     serial = results["batches"].get("1")
     if serial:
         for row in results["batches"].values():
             row["speedup_over_serial"] = row["tokens_per_s"] / serial["tokens_per_s"]
-        results["bare_loop_step_s"] = bare_loop(model_dir, base, windows, trainer_dtype)
+        results["bare_loop_step_s"] = bare_loop(model_dir, base, spec, windows, trainer_dtype)
         results["step_over_bare_loop"] = results["trainer_step_s"] / results["bare_loop_step_s"]
     results["peak_rss_mb"] = peak_rss_mb()
     if args.device.startswith("cuda"):

@@ -12,7 +12,8 @@ from infra.models import resolve_model
 from selection.config import IndexConfig, ModelsConfig
 from selection.corpus import Document, chunk_documents, read_corpus, stdlib_documents
 from selection.embed import Embedder, load_embedder
-from selection.index import CorpusIndex, IndexMismatchError, tokenizer_fingerprint
+from selection.index import CorpusIndex, tokenizer_fingerprint
+from selection.manifest import IndexManifest, IndexMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def ensure_default_index(models: ModelsConfig, index: IndexConfig) -> Path:
     out = default_index_dir(models)
     if (out / "manifest.json").is_file():
         try:
-            CorpusIndex.read_manifest(out)
+            IndexManifest.read(out)
             log.info("default index already built at %s", out)
             return out
         except IndexMismatchError:

@@ -8,8 +8,6 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from infra.config import Strict, default_cache_dir
-from selection.rules import Method
-from selection.stopping import DEFAULT_MIN_GAIN, MIN_LAMBDA
 
 
 class ModelsConfig(Strict):
@@ -41,21 +39,3 @@ class IndexConfig(Strict):
         "auto", description="auto: flat up to 200k vectors, IVF beyond"
     )
     batch_size: int = Field(64, gt=0, description="texts per embedding batch")
-
-
-class SelectionConfig(Strict):
-    """How documents are picked for a prompt."""
-
-    method: Method = Method.SIFT
-    lambda_: float = Field(0.01, ge=MIN_LAMBDA, alias="lambda")
-    candidates: int = Field(200, gt=0, le=10000, description="K: documents retrieved from Faiss by |cos|")
-    max_picks: int = Field(50, gt=0, le=1000, description="N: most documents picked")
-    min_gain: float = Field(
-        DEFAULT_MIN_GAIN,
-        ge=0,
-        description="stop training once a step no longer removes this share of the prompt's uncertainty "
-        "per 1,000 tokens it trains on (SIFT's predicted gain; 0 trains every step up to max_steps)",
-    )
-    alpha: float | None = Field(
-        None, gt=0, description="the paper's rule instead or as well: stop once sigma_n > 1/(alpha n)"
-    )

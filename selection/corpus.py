@@ -47,7 +47,7 @@ class Document:
 
 
 @dataclass(frozen=True)
-class Chunk:
+class CorpusChunk:
     id: str
     doc_id: str
     text: str
@@ -137,7 +137,9 @@ def stdlib_documents() -> Iterator[Document]:
         yield Document(id=f"stdlib/{p.name}", text=text, source=f"python-stdlib/{p.name}", title=p.stem)
 
 
-def chunk_documents(documents: Iterable[Document], tokenizer, chunk_tokens: int, overlap: int = 0) -> Iterator[Chunk]:
+def chunk_documents(
+    documents: Iterable[Document], tokenizer, chunk_tokens: int, overlap: int = 0
+) -> Iterator[CorpusChunk]:
     """Cut each document into windows of `chunk_tokens` tokens (of `tokenizer`), as exact substrings."""
     if overlap >= chunk_tokens:
         raise ValueError(f"chunk overlap {overlap} must be smaller than chunk size {chunk_tokens}")
@@ -155,6 +157,6 @@ def chunk_documents(documents: Iterable[Document], tokenizer, chunk_tokens: int,
             end = len(doc.text) if start + chunk_tokens >= len(offsets) else window[-1][1]
             text = doc.text[window[0][0] if start else 0 : end]
             if text.strip():
-                yield Chunk(f"{doc.id}#{number}", doc.id, text, doc.source, doc.title)
+                yield CorpusChunk(f"{doc.id}#{number}", doc.id, text, doc.source, doc.title)
             if start + chunk_tokens >= len(offsets):
                 break

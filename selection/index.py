@@ -17,27 +17,21 @@ import shutil
 from collections.abc import Iterable, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from selection.corpus import Chunk, CorpusError
+from selection.corpus import CorpusChunk, CorpusError
 from selection.embed import Embedder, fingerprint
+from selection.manifest import FORMAT_VERSION, EmbedderRef, IndexManifest, IndexMismatchError
 from selection.store import DocStore, StoredChunk
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: tokenizer fingerprint in the manifest
 FLAT_LIMIT = 200_000  # "auto" switches from exact flat search to IVF beyond this many vectors
 _FINGERPRINT_MIN_COS = 0.99
 _RESCORE_MARGIN = 16  # extra rows Faiss proposes, re-ranked exactly (see `retrieve`)
-
-
-class IndexMismatchError(ValueError):
-    """The index was built with a different embedder (or tokenizer) than the one in use, or one of its files
-    is missing or unreadable (the message names the file)."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +134,7 @@ class CorpusIndex:
     def __init__(
         self,
         directory: Path,
-        manifest: dict[str, Any],
+        manifest: IndexManifest,
         index: faiss.Index,
         embeddings: np.ndarray,
         store: DocStore,
@@ -153,14 +147,14 @@ class CorpusIndex:
 
     @property
     def dim(self) -> int:
-        return int(self.manifest["dim"])
+        return self.manifest.dim
 
     def __len__(self) -> int:
-        return int(self.manifest["count"])
+        return self.manifest.count
 
     @staticmethod
     def build(
-        chunks: Iterable[Chunk],
+        chunks: Iterable[CorpusChunk],
         out: Path,
         embedder: Embedder,
         *,
@@ -182,7 +176,7 @@ class CorpusIndex:
             store = DocStore.create(staging / "docs.sqlite")
             parts: list[np.ndarray] = []
             count = 0
-            pending: list[Chunk] = []
+            pending: list[CorpusChunk] = []
             total = len(chunks) if isinstance(chunks, Sized) else None
             bar = tqdm(desc="embedding chunks", unit="chunk", total=total, disable=not progress)
 
@@ -215,20 +209,19 @@ class CorpusIndex:
                 index.train(embeddings)
             index.add(embeddings)
             faiss.write_index(index, str(staging / "index.faiss"))
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "corpus": corpus,
-                "count": count,
-                "dim": int(embeddings.shape[1]),
-                "kind": type(index).__name__,
-                "embedder": {"name": embedder.name, "fingerprint": fingerprint(embedder)},
-                "tokenizer": tokenizer_name,
-                "tokenizer_fingerprint": tokenizer_fingerprint,
-                "chunk_tokens": chunk_tokens,
-                "chunk_overlap": chunk_overlap,
-            }
-            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            IndexManifest(
+                format_version=FORMAT_VERSION,
+                created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                corpus=corpus,
+                count=count,
+                dim=int(embeddings.shape[1]),
+                kind=type(index).__name__,
+                embedder=EmbedderRef(name=embedder.name, fingerprint=tuple(fingerprint(embedder))),
+                tokenizer=tokenizer_name,
+                tokenizer_fingerprint=tokenizer_fingerprint,
+                chunk_tokens=chunk_tokens,
+                chunk_overlap=chunk_overlap,
+            ).write(staging)
             shutil.rmtree(out, ignore_errors=True)
             staging.rename(out)
         finally:
@@ -237,31 +230,11 @@ class CorpusIndex:
         return CorpusIndex.load(out)
 
     @staticmethod
-    def read_manifest(directory: Path) -> dict[str, Any]:
-        path = Path(directory) / "manifest.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{directory} is not a sift-serve index (no manifest.json); build one with "
-                "`sift-serve index build CORPUS --out DIR`"
-            )
-        try:
-            manifest = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise IndexMismatchError(f"{path} is not valid JSON ({exc}); rebuild the index") from exc
-        if not isinstance(manifest, dict):
-            raise IndexMismatchError(f"{path} is not an index manifest; rebuild the index")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise IndexMismatchError(
-                f"{directory}: index format {manifest.get('format_version')} is not {FORMAT_VERSION}; rebuild it"
-            )
-        return manifest
-
-    @staticmethod
     def load(directory: Path, embedder: Embedder | None = None, gpu: bool = True) -> CorpusIndex:
         """Open an index directory; with `embedder`, refuse one built by a different embedder."""
         directory = Path(directory)
-        manifest = CorpusIndex.read_manifest(directory)
-        if manifest.get("shards"):
+        manifest = IndexManifest.read(directory)
+        if manifest.shards:
             raise IndexMismatchError(f"{directory} is a sharded index: open it with selection.shards.load_index")
         if embedder is not None:
             check_embedder(manifest, embedder, directory)
@@ -269,11 +242,11 @@ class CorpusIndex:
         if gpu:
             index = to_gpu_if_available(index)
         embeddings = _read(directory / "embeddings.npy", lambda path: np.load(path, mmap_mode="r"))
-        if embeddings.shape != (manifest["count"], manifest["dim"]) or index.ntotal != manifest["count"]:
+        if embeddings.shape != (manifest.count, manifest.dim) or index.ntotal != manifest.count:
             raise IndexMismatchError(f"{directory}: files disagree with the manifest; rebuild the index")
         store = _read(directory / "docs.sqlite", DocStore.open_checked)
-        if len(store) != manifest["count"]:
-            raise IndexMismatchError(f"{directory / 'docs.sqlite'} holds {len(store)} chunks, not {manifest['count']}")
+        if len(store) != manifest.count:
+            raise IndexMismatchError(f"{directory / 'docs.sqlite'} holds {len(store)} chunks, not {manifest.count}")
         return CorpusIndex(directory, manifest, index, embeddings, store)
 
     def search(self, queries: np.ndarray, k: int) -> Candidates:
@@ -310,26 +283,25 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha1(json.dumps(vocab).encode("utf-8")).hexdigest()
 
 
-def check_tokenizer(manifest: dict[str, Any], tokenizer, directory: Path | str = "index") -> None:
+def check_tokenizer(manifest: IndexManifest, tokenizer, directory: Path | str = "index") -> None:
     """Raise IndexMismatchError unless the index was chunked with this tokenizer."""
-    built = manifest.get("tokenizer_fingerprint")
-    if built != tokenizer_fingerprint(tokenizer):
+    if manifest.tokenizer_fingerprint != tokenizer_fingerprint(tokenizer):
         raise IndexMismatchError(
-            f"{directory} was chunked with tokenizer {manifest.get('tokenizer')!r}, which is not the served "
+            f"{directory} was chunked with tokenizer {manifest.tokenizer!r}, which is not the served "
             "model's tokenizer; rebuild the index with --model pointing at the served model"
         )
 
 
-def check_embedder(manifest: dict[str, Any], embedder: Embedder, directory: Path | str = "index") -> None:
+def check_embedder(manifest: IndexManifest, embedder: Embedder, directory: Path | str = "index") -> None:
     """Raise IndexMismatchError unless `embedder` is the one the index was built with."""
-    built = manifest["embedder"]
-    if built["name"] != embedder.name or manifest["dim"] != embedder.dim:
+    built = manifest.embedder
+    if built.name != embedder.name or manifest.dim != embedder.dim:
         raise IndexMismatchError(
-            f"{directory} was built with embedder {built['name']} ({manifest['dim']}-d) but {embedder.name} "
+            f"{directory} was built with embedder {built.name} ({manifest.dim}-d) but {embedder.name} "
             f"({embedder.dim}-d) is loaded; rebuild the index or load the matching embedder"
         )
     now = np.asarray(fingerprint(embedder))
-    cos = float(now @ np.asarray(built["fingerprint"]))
+    cos = float(now @ np.asarray(built.fingerprint))
     if cos < _FINGERPRINT_MIN_COS:
         raise IndexMismatchError(
             f"{directory}: embedder {embedder.name} gives different vectors than when the index was built "

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from infra.config import resolve_device
-from selection.config import SelectionConfig
 from selection.embed import Embedder
 from selection.index import CorpusIndex
 from selection.rules import Method
@@ -47,19 +46,6 @@ class SelectOptions:
             raise ValueError(f"candidates must be positive, got {self.candidates}")
         if self.step_tokens <= 0:
             raise ValueError(f"step_tokens must be positive, got {self.step_tokens}")
-
-    @classmethod
-    def from_config(cls, config: SelectionConfig, n: int | None = None, step_tokens: int = 1000) -> SelectOptions:
-        """The configured selection; `n` defaults to `config.max_picks`."""
-        return cls(
-            n=config.max_picks if n is None else n,
-            method=config.method,
-            lambda_=config.lambda_,
-            alpha=config.alpha,
-            candidates=config.candidates,
-            min_gain=config.min_gain,
-            step_tokens=step_tokens,
-        )
 
 
 @dataclass(frozen=True)

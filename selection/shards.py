@@ -11,22 +11,22 @@ in the cluster, a client of the deployment that holds it.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from selection.corpus import Chunk
+from selection.corpus import CorpusChunk
 from selection.embed import Embedder
 from selection.index import Candidates, CorpusIndex, IndexMismatchError, check_embedder, make_faiss_index
+from selection.manifest import IndexManifest
 from selection.store import DocStore, StoredChunk
 
 log = logging.getLogger(__name__)
@@ -47,20 +47,15 @@ def shard_dir(directory: Path, i: int) -> Path:
     return Path(directory) / f"shard-{i}"
 
 
-def shard_count(manifest: dict[str, Any]) -> int:
-    """S for a sharded index's manifest, 0 for an unsharded one."""
-    return int(manifest.get("shards", 0))
-
-
 class LocalShard:
     """Shard i of S, loaded in this process; translates its local rows to global ones."""
 
     def __init__(self, directory: Path) -> None:
         self.index = CorpusIndex.load(directory)
-        position = self.index.manifest.get("shard")
-        if not position:
+        position = self.index.manifest.shard
+        if position is None:
             raise IndexMismatchError(f"{directory} is not a shard of a sharded index (no 'shard' in its manifest)")
-        self.i, self.of = int(position[0]), int(position[1])
+        self.i, self.of = position
 
     def search(self, queries: np.ndarray, k: int) -> Candidates:
         found = self.index.search(queries, k)
@@ -98,9 +93,9 @@ class ShardedIndex:
     With `timeout_s`, a call that some shard has not answered within that many seconds raises
     `ShardTimeoutError` after one timeout (the shards are asked in parallel)."""
 
-    def __init__(self, manifest: dict[str, Any], shards: Sequence[Shard], timeout_s: float | None = None) -> None:
-        if len(shards) != shard_count(manifest):
-            raise ValueError(f"the index has {shard_count(manifest)} shards but {len(shards)} were given")
+    def __init__(self, manifest: IndexManifest, shards: Sequence[Shard], timeout_s: float | None = None) -> None:
+        if len(shards) != manifest.shards:
+            raise ValueError(f"the index has {manifest.shards} shards but {len(shards)} were given")
         self.manifest = manifest
         self.shards = list(shards)
         self.timeout_s = timeout_s
@@ -108,10 +103,10 @@ class ShardedIndex:
 
     @property
     def dim(self) -> int:
-        return int(self.manifest["dim"])
+        return self.manifest.dim
 
     def __len__(self) -> int:
-        return int(self.manifest["count"])
+        return self.manifest.count
 
     def search(self, queries: np.ndarray, k: int) -> Candidates:
         """The k candidates with the largest |cos| over all shards for each of the (B, d) queries."""
@@ -148,12 +143,12 @@ class ShardedIndex:
 def load_index(directory: Path, embedder: Embedder | None = None) -> CorpusIndex | ShardedIndex:
     """Open an index directory, sharded (all shards in this process) or not; with `embedder`, refuse an index
     built by a different one."""
-    manifest = CorpusIndex.read_manifest(directory)
-    if not shard_count(manifest):
+    manifest = IndexManifest.read(directory)
+    if not manifest.shards:
         return CorpusIndex.load(directory, embedder)
     if embedder is not None:
         check_embedder(manifest, embedder, directory)
-    return ShardedIndex(manifest, [LocalShard(shard_dir(directory, i)) for i in range(shard_count(manifest))])
+    return ShardedIndex(manifest, [LocalShard(shard_dir(directory, i)) for i in range(manifest.shards)])
 
 
 def split_index(source: Path, out: Path, shards: int, kind: str = "auto", progress: bool = True) -> Path:
@@ -161,11 +156,11 @@ def split_index(source: Path, out: Path, shards: int, kind: str = "auto", progre
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
     source, out = Path(source), Path(out)
-    manifest = CorpusIndex.read_manifest(source)
-    if shard_count(manifest):
-        raise ValueError(f"{source} is already sharded ({shard_count(manifest)} shards)")
-    if shards > manifest["count"]:
-        raise ValueError(f"{shards} shards for {manifest['count']} chunks would leave shards empty")
+    manifest = IndexManifest.read(source)
+    if manifest.shards:
+        raise ValueError(f"{source} is already sharded ({manifest.shards} shards)")
+    if shards > manifest.count:
+        raise ValueError(f"{shards} shards for {manifest.count} chunks would leave shards empty")
     if out.resolve() == source.resolve():
         raise ValueError("write the shards to another directory than the source index")
     embeddings = np.load(source / "embeddings.npy", mmap_mode="r")
@@ -177,7 +172,7 @@ def split_index(source: Path, out: Path, shards: int, kind: str = "auto", progre
         with tqdm(total=len(embeddings), desc=f"writing {shards} shards", unit="chunk", disable=not progress) as bar:
             for i in range(shards):
                 _write_shard(embeddings, store, manifest, staging / f"shard-{i}", i, shards, kind, bar)
-        (staging / "manifest.json").write_text(json.dumps({**manifest, "shards": shards}, indent=2))
+        manifest.model_copy(update={"shards": shards}).write(staging)
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)
     finally:
@@ -190,7 +185,7 @@ def split_index(source: Path, out: Path, shards: int, kind: str = "auto", progre
 def _write_shard(
     embeddings: np.ndarray,
     store: DocStore,
-    manifest: dict[str, Any],
+    manifest: IndexManifest,
     directory: Path,
     i: int,
     shards: int,
@@ -209,10 +204,10 @@ def _write_shard(
     shard_store = DocStore.create(directory / "docs.sqlite")
     for start in range(0, len(rows), _COPY_BATCH):
         stored = store.get(rows[start : start + _COPY_BATCH])
-        chunks = [Chunk(id=c.id, doc_id=c.doc_id, text=c.text, source=c.source, title=c.title) for c in stored]
+        chunks = [CorpusChunk(id=c.id, doc_id=c.doc_id, text=c.text, source=c.source, title=c.title) for c in stored]
         shard_store.add(start, chunks, [c.hash for c in stored])
         bar.update(len(stored))
     shard_store.commit()
     shard_store.close()
-    shard_manifest = {**manifest, "count": len(rows), "kind": type(index).__name__, "shard": [i, shards]}
-    (directory / "manifest.json").write_text(json.dumps(shard_manifest, indent=2))
+    update = {"count": len(rows), "kind": type(index).__name__, "shard": (i, shards)}
+    manifest.model_copy(update=update).write(directory)

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from selection.corpus import Chunk
+from selection.corpus import CorpusChunk
 
 _SCHEMA = """
 CREATE TABLE chunks (
@@ -62,7 +62,7 @@ class DocStore:
             raise
         return store
 
-    def add(self, start_row: int, chunks: Sequence[Chunk], hashes: Sequence[str]) -> None:
+    def add(self, start_row: int, chunks: Sequence[CorpusChunk], hashes: Sequence[str]) -> None:
         rows = [
             (start_row + i, c.id, c.doc_id, c.source, c.title, c.text, h)
             for i, (c, h) in enumerate(zip(chunks, hashes, strict=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -146,7 +147,9 @@ def index_shard(
 def select_cmd(
     prompt: Annotated[str, typer.Argument(help="the prompt to select training documents for")],
     index: Annotated[str, typer.Option(help="index directory, or 'default'")] = "default",
-    n: Annotated[int | None, typer.Option("-n", help="most documents to pick")] = None,
+    n: Annotated[
+        int | None, typer.Option("-n", help="most documents to pick (default: adaptation.context_documents)")
+    ] = None,
     method: Annotated[str | None, typer.Option(help="sift, nn, nn_f, uncertainty or random")] = None,
     lambda_: Annotated[float | None, typer.Option("--lambda", help="SIFT's lambda'")] = None,
     min_gain: Annotated[
@@ -161,22 +164,23 @@ def select_cmd(
     from infra.models import resolve_model
     from selection.build import default_index_dir
     from selection.embed import load_embedder
-    from selection.index import CorpusIndex, IndexMismatchError
-    from selection.selector import SelectOptions, Selector
+    from selection.manifest import IndexManifest, IndexMismatchError
+    from selection.selector import Selector
     from selection.shards import load_index
+    from serving.contracts import resolve
 
     settings = _settings(
         config,
-        selection__max_picks=n,
-        selection__method=method,
-        selection__lambda_=lambda_,
-        selection__min_gain=min_gain,
-        selection__alpha=alpha,
-        selection__candidates=candidates,
+        adaptation__context_documents=n,
+        adaptation__method=method,
+        adaptation__lambda_=lambda_,
+        adaptation__min_gain=min_gain,
+        adaptation__alpha=alpha,
+        adaptation__candidates=candidates,
     )
     directory = default_index_dir(settings.models) if index == "default" else Path(index)
     try:
-        manifest = CorpusIndex.read_manifest(directory)
+        manifest = IndexManifest.read(directory)
         model_dir = None
         if settings.models.embedder == "base-model":
             model_dir = resolve_model(settings.models.base_model, settings.models.cache_dir)
@@ -186,7 +190,8 @@ def select_cmd(
         if index == "default" and isinstance(exc, FileNotFoundError):
             raise _fail(f"{exc}\n(the default index is built by `sift-serve index build --default`)") from exc
         raise _fail(str(exc)) from exc
-    options = SelectOptions.from_config(settings.selection, step_tokens=settings.trainer.max_train_tokens)
+    picks = settings.adaptation.context_documents  # as many as a context would be filled from
+    options = dataclasses.replace(resolve(None, settings).selection, n=picks)
     try:
         result = Selector(corpus_index, embedder, settings.models.device).select([prompt], options)[0]
     except ValueError as exc:
@@ -196,7 +201,7 @@ def select_cmd(
         return
     table = Table(
         title=f"{result.method}: {len(result.documents)} picks from {result.candidates} candidates "
-        f"({manifest['corpus']}), stopped: {result.stop_reason}, repeats: {result.repeats}"
+        f"({manifest.corpus}), stopped: {result.stop_reason}, repeats: {result.repeats}"
     )
     for column in ("rank", "doc id", "source", "similarity", "sigma^2 after"):
         table.add_column(column, justify="right" if column in ("rank", "similarity", "sigma^2 after") else "left")
@@ -276,7 +281,7 @@ def serve_cmd(
 
     from serving.deployments import build
 
-    ray.init(num_cpus=settings.server.ray_num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=settings.deploy.ray_num_cpus, include_dashboard=False, log_to_driver=False)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -307,7 +312,7 @@ def serve_cmd(
 
 def _check_start_up(settings: Settings) -> None:
     """What can be refused before Ray starts: API keys, the chat template, vLLM's engine argument names."""
-    from serving.openai_server import load_chat_template
+    from serving.prompts import load_chat_template
 
     settings.server.keys()
     load_chat_template(settings.generator.chat_template)
@@ -317,7 +322,7 @@ def _check_start_up(settings: Settings) -> None:
         from serving.services import model_dir
 
         model = model_dir(settings)
-        device = resolve_device(settings.trainer.device)
+        device = resolve_device(settings.generator.device)
         engine_args(model, settings.generator, settings.trainer.rank, device, settings.generator.max_model_len)
 
 

@@ -1,11 +1,14 @@
-"""One calling convention for the services, whether they are local objects or Ray Serve deployments.
+"""The services' typed calling convention, whether they are objects in this process or Ray Serve deployments.
+
+`SelectorAPI`, `TrainerAPI` and `GeneratorAPI` are what the pipeline and the OpenAI server are written
+against: the service objects of `serving.services` satisfy them in one process (tests, `local_server`), and
+`SelectorHandle`, `TrainerHandle` and `GeneratorHandle` satisfy them over Ray Serve DeploymentHandles. Every
+argument and result is a typed object from `serving.contracts` or `adapters.spec`.
 
 `check` refuses at once (503, `Unavailable`) when the service cannot answer, and a call its deployment's
-full queue refuses is a 429 (`Overloaded`) in OpenAI's shape; `call` awaits a method's
-result; `stream` iterates a method that yields. The OpenAI server is written against this, so it runs
-unchanged in tests (local objects) and in Ray Serve (DeploymentHandles). Streams are async generators:
-closing one (`contextlib.aclosing`) closes or cancels what it iterates at once, so a client that goes away
-stops the work behind it without waiting for garbage collection.
+full queue refuses is a 429 (`Overloaded`) in OpenAI's shape. Streams are async generators: closing one
+(`contextlib.aclosing`) closes or cancels what it iterates at once, so a client that goes away stops the
+work behind it without waiting for garbage collection.
 
 `ShardClient` is the blocking counterpart the Selector uses to search the index shards it does not hold.
 """
@@ -14,38 +17,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
-from typing import Any
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
+from adapters.spec import TrainRequest, TrainResult, TrainStep
 from selection.index import Candidates
+from selection.selector import SelectionResult
 from selection.store import StoredChunk
 from serving.availability import Overloaded, ServeAvailability, Unavailable
+from serving.contracts import Chunk, GenerateRequest, Readiness, SelectQuery
 
 
-class LocalClient:
-    """Calls a service object in this process."""
-
-    def __init__(self, service: Any) -> None:
-        self.service = service
-
+class Service(Protocol):
     def check(self) -> None:
-        """A local service is always there."""
+        """Raise `Unavailable` when the service has no running replica to answer."""
+        ...
 
-    async def call(self, method: str, *args: Any) -> Any:
-        result = getattr(self.service, method)(*args)
-        return await result if hasattr(result, "__await__") else result
+    async def ready(self) -> Readiness: ...
 
-    async def stream(self, method: str, *args: Any) -> AsyncIterator[Any]:
-        async with aclosing(getattr(self.service, method)(*args)) as items:
-            async for item in items:
-                yield item
+
+class SelectorAPI(Service, Protocol):
+    async def select(self, query: SelectQuery) -> SelectionResult: ...
+
+
+class TrainerAPI(Service, Protocol):
+    def train(self, request: TrainRequest) -> AsyncGenerator[TrainStep | TrainResult]:
+        """A `TrainStep` after each step, then the `TrainResult`; closing the stream cancels the training."""
+        ...
+
+
+class GeneratorAPI(Service, Protocol):
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[Chunk]: ...
 
 
 class HandleClient:
-    """Calls a Ray Serve deployment through its DeploymentHandle.
+    """A Ray Serve deployment behind its DeploymentHandle.
 
     `part` names the service in errors; `needs` are the deployments that must have a running replica for a
     call to be answered (the deployment itself, and for the Selector its index shards). A call that finds
@@ -67,9 +75,16 @@ class HandleClient:
         if not all(self.availability.running(name) for name in self.needs):
             raise Unavailable(self.part, self.retry_after_s)
 
-    async def call(self, method: str, *args: Any) -> Any:
+    async def ready(self) -> Readiness:
         self.check()
-        response = getattr(self.handle, method).remote(*args)
+        return await self._result(self.handle.ready.remote())
+
+    @property
+    def streaming(self) -> Any:
+        """The handle for methods that yield."""
+        return self.handle.options(stream=True)
+
+    async def _result(self, response: Any) -> Any:
         watch = asyncio.ensure_future(self.availability.until_down(self.needs))
         try:
             return await self._unless_down(asyncio.ensure_future(response), watch)
@@ -77,9 +92,7 @@ class HandleClient:
             watch.cancel()
             _cancel(response)
 
-    async def stream(self, method: str, *args: Any) -> AsyncIterator[Any]:
-        self.check()
-        response = getattr(self.handle.options(stream=True), method).remote(*args)
+    async def _items(self, response: Any) -> AsyncGenerator[Any]:
         watch = asyncio.ensure_future(self.availability.until_down(self.needs))
         try:
             while True:
@@ -109,6 +122,24 @@ class HandleClient:
             raise Overloaded(self.part, self.retry_after_s) from exc
         except _REPLICA_GONE as exc:
             raise Unavailable(self.part, self.retry_after_s) from exc
+
+
+class SelectorHandle(HandleClient):
+    async def select(self, query: SelectQuery) -> SelectionResult:
+        self.check()
+        return await self._result(self.handle.select.remote(query))
+
+
+class TrainerHandle(HandleClient):
+    def train(self, request: TrainRequest) -> AsyncGenerator[TrainStep | TrainResult]:
+        self.check()
+        return self._items(self.streaming.train.remote(request))
+
+
+class GeneratorHandle(HandleClient):
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[Chunk]:
+        self.check()
+        return self._items(self.streaming.generate.remote(request))
 
 
 class ShardClient:

@@ -1,9 +1,11 @@
 """The one configuration model: shared by the CLI, YAML config files, the Serve deployments and the tests.
 
 Sources, strongest first: command-line flags (or inline sections given to `Settings.load`), environment
-variables `SIFT_SERVE_<SECTION>__<KEY>` (e.g. `SIFT_SERVE_TRAINER__MAX_STEPS=8`), the YAML file, the
-defaults. Sections are merged key by key, so a file plus `trainer: {max_steps: 4}` keeps the file's other
-trainer keys.
+variables `SIFT_SERVE_<SECTION>__<KEY>` (e.g. `SIFT_SERVE_ADAPTATION__MAX_STEPS=8`), the YAML file, the
+defaults. Sections are merged key by key, so a file plus `adaptation: {max_steps: 4}` keeps the file's other
+adaptation keys. Each section says what it holds: `adaptation` the request defaults, `trainer` the
+adapters' shape and the training engine, `generator` the answering engine, `server` HTTP, auth and the
+ceilings of request options, `deploy` the Ray resources of each deployment.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -21,7 +23,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from adapters.config import TrainerConfig
 from infra.config import Strict
-from selection.config import IndexConfig, ModelsConfig, SelectionConfig
+from selection.config import IndexConfig, ModelsConfig
+from selection.rules import Method
+from selection.stopping import DEFAULT_MIN_GAIN, MIN_LAMBDA
 
 
 class ContextMode(StrEnum):
@@ -42,6 +46,7 @@ OWN_ENGINE_ARGS = {
     "max_cpu_loras": "set generator.max_cpu_loras",
     "enable_lora": "always on (every adapted answer is a LoRA)",
     "max_lora_rank": "follows trainer.rank",
+    "device": "set generator.device",
 }
 """vLLM engine arguments that sift-serve sets from its own settings, and where to set them instead."""
 
@@ -57,10 +62,7 @@ class GeneratorConfig(Strict):
     kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.8, gt=0, le=1)
     default_max_tokens: int = Field(64, ge=1, description="max_tokens for chat requests that set none")
-    context: ContextMode = Field(ContextMode.NONE, description="prepend: selected documents also go into the prompt")
-    context_tokens: int = Field(
-        600, ge=1, description="most prompt tokens the prepended documents may add (whole documents only)"
-    )
+    device: str = Field("cpu", description="the engine's device: cpu, cuda, cuda:0, ... or auto")
     adapter_dir: Path | None = Field(
         None, description="where this node writes the adapters it loads (default: tmpfs, /dev/shm, if present)"
     )
@@ -119,8 +121,57 @@ class Resources(Strict):
     )
 
 
+class Limited:
+    """Marks an `adaptation` setting whose request option is capped by `server.limits.<same name>`."""
+
+
+class AdaptationConfig(Strict):
+    """What a request's `adaptation` object falls back to: every field here is the default of the option of
+    the same name (the request's `adaptation.<name>`), within `server.limits`."""
+
+    enabled: bool = Field(True, description="test-time training unless a request opts out")
+    method: Method = Method.SIFT
+    lambda_: float = Field(0.01, ge=MIN_LAMBDA, alias="lambda")
+    alpha: float | None = Field(
+        None, gt=0, description="the paper's rule instead or as well: stop once sigma_n > 1/(alpha n)"
+    )
+    candidates: Annotated[int, Limited()] = Field(
+        200, gt=0, le=10000, description="K: documents retrieved from Faiss by |cos|"
+    )
+    min_gain: float = Field(
+        DEFAULT_MIN_GAIN,
+        ge=0,
+        description="stop training once a step no longer removes this share of the prompt's uncertainty "
+        "per 1,000 tokens it trains on (SIFT's predicted gain; 0 trains every step up to max_steps)",
+    )
+    max_steps: Annotated[int, Limited()] = Field(
+        4, ge=0, le=1000, description="most optimizer steps: one per picked document"
+    )
+    learning_rate: float = Field(5e-4, gt=0, le=1.0)
+    max_train_tokens: Annotated[int, Limited()] = Field(
+        256, ge=2, le=32768, description="documents are truncated to this"
+    )
+    time_budget_s: Annotated[float | None, Limited()] = Field(20.0, gt=0, description="wall-clock budget for training")
+    context: ContextMode = Field(ContextMode.NONE, description="prepend: selected documents also go into the prompt")
+    context_tokens: Annotated[int, Limited()] = Field(
+        600, ge=1, description="most prompt tokens the prepended documents may add (whole documents only)"
+    )
+    context_documents: int = Field(
+        50, gt=0, le=1000, description="documents picked to fill the context (context: prepend)"
+    )
+
+
+LIMITED = tuple(
+    name
+    for name, field in AdaptationConfig.model_fields.items()
+    if any(isinstance(meta, Limited) for meta in field.metadata)
+)
+"""The `adaptation` options that `server.limits` caps, each by the limit of its own name."""
+
+
 class AdaptationLimits(Strict):
-    """The most one request may ask for in its `adaptation` object; more is a 400 naming the limit."""
+    """The most one request may ask for; more is a 400 naming the limit. Each `adaptation` option marked
+    `Limited` is checked against the limit of its own name (and so is its configured default)."""
 
     max_steps: int = Field(32, ge=0, le=1000)
     candidates: int = Field(1000, ge=1, le=10000)
@@ -128,6 +179,34 @@ class AdaptationLimits(Strict):
     max_train_tokens: int = Field(1024, ge=2, le=32768)
     n: int = Field(8, ge=1, le=128, description="most choices per request")
     context_tokens: int = Field(2048, ge=1, description="most prompt tokens prepended documents may add")
+
+
+class DeployConfig(Strict):
+    """Ray resources and replicas of each Serve deployment, and of the local Ray instance."""
+
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may schedule on (default: all)")
+    ingress: Resources = Field(
+        default_factory=lambda: Resources(num_cpus=0.25, max_ongoing_requests=64, max_queued_requests=64)
+    )
+    selector: Resources = Field(default_factory=lambda: Resources(num_cpus=0.25, max_ongoing_requests=64))
+    shard: Resources = Field(
+        default_factory=lambda: Resources(num_cpus=0.25, max_ongoing_requests=64),
+        description="each index shard's deployment (when the index is sharded)",
+    )
+    trainer: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5, max_ongoing_requests=64))
+    generator: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5, max_ongoing_requests=64))
+
+    @model_validator(mode="after")
+    def _stateful_parts_fixed(self) -> DeployConfig:
+        for name in ("trainer", "generator", "shard"):
+            if getattr(self, name).autoscaling is not None:
+                raise ValueError(f"deploy.{name} keeps state (a model or an index shard): give it fixed replicas")
+        if self.selector.autoscaling is not None and self.selector.autoscaling.min_replicas == 0:
+            raise ValueError(
+                "deploy.selector.autoscaling.min_replicas must be >= 1: a request needs a running Selector "
+                "replica to be admitted, so a Selector scaled to zero would never scale up again"
+            )
+        return self
 
 
 class ServerConfig(Strict):
@@ -141,7 +220,6 @@ class ServerConfig(Strict):
     api_key_file: Path | None = Field(None, description="a file with one more API key per line")
     metrics_public: bool = Field(False, description="serve /metrics without an API key")
     served_model_name: str | None = Field(None, description="model id clients send (default: model dir name)")
-    adaptation_enabled: bool = Field(True, description="test-time training unless a request opts out")
     limits: AdaptationLimits = Field(default_factory=AdaptationLimits)
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After of the 429 sent when the Ingress queue is full")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
@@ -153,17 +231,6 @@ class ServerConfig(Strict):
         description="a sharded index's search that a shard leaves unanswered this long fails once, "
         "for the whole batch; its requests are answered by the base model",
     )
-    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may schedule on (default: all)")
-    ingress: Resources = Field(
-        default_factory=lambda: Resources(num_cpus=0.25, max_ongoing_requests=64, max_queued_requests=64)
-    )
-    selector: Resources = Field(default_factory=lambda: Resources(num_cpus=0.25, max_ongoing_requests=64))
-    shard: Resources = Field(
-        default_factory=lambda: Resources(num_cpus=0.25, max_ongoing_requests=64),
-        description="each index shard's deployment (when the index is sharded)",
-    )
-    trainer: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5, max_ongoing_requests=64))
-    generator: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5, max_ongoing_requests=64))
 
     @field_validator("api_keys")
     @classmethod
@@ -171,18 +238,6 @@ class ServerConfig(Strict):
         for key in keys:
             _check_key(key, "server.api_keys")
         return keys
-
-    @model_validator(mode="after")
-    def _stateful_parts_fixed(self) -> ServerConfig:
-        for name in ("trainer", "generator", "shard"):
-            if getattr(self, name).autoscaling is not None:
-                raise ValueError(f"server.{name} keeps state (a model or an index shard): give it fixed replicas")
-        if self.selector.autoscaling is not None and self.selector.autoscaling.min_replicas == 0:
-            raise ValueError(
-                "server.selector.autoscaling.min_replicas must be >= 1: a request needs a running Selector "
-                "replica to be admitted, so a Selector scaled to zero would never scale up again"
-            )
-        return self
 
     def keys(self) -> list[str]:
         """Every accepted API key: the configured list plus the key file's non-empty lines. A key file
@@ -235,25 +290,20 @@ class Settings(BaseSettings):
 
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
-    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    adaptation: AdaptationConfig = Field(default_factory=AdaptationConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
     index_path: Path | None = Field(None, description="index directory to serve (default: the stdlib index)")
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Settings:
         limits = self.server.limits
-        pairs = [
-            ("trainer.max_steps", self.trainer.max_steps, "max_steps"),
-            ("trainer.max_train_tokens", self.trainer.max_train_tokens, "max_train_tokens"),
-            ("trainer.time_budget_s", self.trainer.time_budget_s, "time_budget_s"),
-            ("selection.candidates", self.selection.candidates, "candidates"),
-            ("generator.context_tokens", self.generator.context_tokens, "context_tokens"),
-        ]
-        for name, value, limit in pairs:
-            if value is not None and value > getattr(limits, limit):
-                raise ValueError(f"{name} ({value}) is above server.limits.{limit} ({getattr(limits, limit)})")
+        for name in LIMITED:
+            value, cap = getattr(self.adaptation, name), getattr(limits, name)
+            if value is not None and value > cap:
+                raise ValueError(f"adaptation.{name} ({value}) is above server.limits.{name} ({cap})")
         return self
 
     @classmethod

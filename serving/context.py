@@ -19,6 +19,13 @@ def as_text(documents: Sequence[str]) -> str:
     return SEPARATOR.join(documents) + SEPARATOR
 
 
+def completion_ids(tokenizer, prompt: str, documents: Sequence[str] = ()) -> list[int]:
+    """A completion prompt's ids with `documents` (if any) as text before it: the one rendering of
+    in-context retrieval for plain text, used by the server and the quality benchmark alike."""
+    text = as_text(documents) + prompt if documents else prompt
+    return list(tokenizer(text, add_special_tokens=True).input_ids)
+
+
 def fit(
     documents: Sequence[str], budget: int, render: Callable[[Sequence[str]], list[int]], base: int
 ) -> tuple[list[int], int]:

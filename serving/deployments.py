@@ -2,7 +2,7 @@
 Generator, composed with handles.
 
 Each deployment is a thin wrapper around a plain service object (`serving.services`); resources, custom
-resources for placement and autoscaling come from `Settings.server` and are always pinned. `build(settings)`
+resources for placement and autoscaling come from `Settings.deploy` and are always pinned. `build(settings)`
 returns the bound application; `app_builder` is the entry point for `serve run` / `serve deploy` of
 `deploy/serve_config.yaml`. The number of shard deployments is read from the index manifest.
 """
@@ -17,11 +17,10 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
-from selection.index import CorpusIndex
-from selection.shards import shard_count
+from selection.manifest import IndexManifest
 from serving.app import create_app
 from serving.availability import ServeAvailability
-from serving.clients import HandleClient, ShardClient
+from serving.clients import GeneratorHandle, SelectorHandle, ShardClient, TrainerHandle
 from serving.config import Resources, Settings
 from serving.engines import SamplingDefaults, context_length
 from serving.metrics import RayMetrics
@@ -53,15 +52,12 @@ class Ingress:
         availability = ServeAvailability(serve.get_replica_context().app_name)
         retry = settings.server.retry_after_s
 
-        def client(handle: DeploymentHandle, part: str, needs: list[str]) -> HandleClient:
-            return HandleClient(handle, part, needs, availability, retry)
-
         self.server = OpenAIServer(
             settings,
             AutoTokenizer.from_pretrained(model),
-            client(selector, "selector", ["Selector", *shards]),
-            client(trainer, "trainer", ["Trainer"]),
-            client(generator, "generator", ["Generator"]),
+            SelectorHandle(selector, "selector", ["Selector", *shards], availability, retry),
+            TrainerHandle(trainer, "trainer", ["Trainer"], availability, retry),
+            GeneratorHandle(generator, "generator", ["Generator"], availability, retry),
             context_length(model, settings.generator),
             settings.server.served_model_name or model.name,
             SamplingDefaults.from_model(model),
@@ -101,12 +97,12 @@ def deployment_options(resources: Resources, name: str) -> dict[str, Any]:
 
 def shard_names(settings: Settings) -> list[str]:
     """The index shards' deployment names (none for an unsharded index), from the index manifest."""
-    return [f"Shard{i}" for i in range(shard_count(CorpusIndex.read_manifest(index_dir(settings))))]
+    return [f"Shard{i}" for i in range(IndexManifest.read(index_dir(settings)).shards)]
 
 
 def build(settings: Settings) -> serve.Application:
-    """The application graph, every deployment's resources pinned from `settings.server`."""
-    s = settings.server
+    """The application graph, every deployment's resources pinned from `settings.deploy`."""
+    s = settings.deploy
     shards = [
         serve.deployment(ShardService).options(**deployment_options(s.shard, name)).bind(settings, i)
         for i, name in enumerate(shard_names(settings))
@@ -124,7 +120,7 @@ def build(settings: Settings) -> serve.Application:
     )
     # Admission is Ray Serve's, so it holds for any number of Ingress replicas: beyond max_ongoing_requests
     # per replica and max_queued_requests waiting, a request gets 429 with Retry-After from Serve's proxy.
-    backpressure = BackpressureConfig(status_code=429, retry_after_s=s.retry_after_s)
+    backpressure = BackpressureConfig(status_code=429, retry_after_s=settings.server.retry_after_s)
     ingress = Ingress.options(**deployment_options(s.ingress, "Ingress"), backpressure_config=backpressure)
     return ingress.bind(settings, selector, trainer, generator, shard_names(settings))
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from serving.engines import Chunk
-from serving.engines.base import TokenLogprobs
+from serving.contracts import Chunk, TokenLogprobs
 from serving.pipeline import Job
 from serving.protocol import (
     AdaptationReport,
@@ -94,10 +93,14 @@ class _Format:
         """The fields every response and chunk of this request share."""
         return {"id": self.id, "created": self.created, "model": self.model_name}
 
-    def summary(self, output: Output, prompt_tokens: int) -> dict:
+    def prompt_tokens(self, context_tokens: int) -> int:
+        """Prompt tokens to bill: the request's, and what documents placed before it added."""
+        return len(self.job.prompt_ids) + context_tokens
+
+    def summary(self, output: Output, report: AdaptationReport) -> dict:
         """The fields a whole (non-streamed) response adds: usage and the adaptation report."""
-        usage = UsageInfo.of(prompt_tokens, self.completion_tokens(output))
-        return {**self.envelope(), "usage": usage, "adaptation": self.job.report}
+        usage = UsageInfo.of(self.prompt_tokens(report.context_tokens), self.completion_tokens(output))
+        return {**self.envelope(), "usage": usage, "adaptation": report}
 
 
 class ChatFormat(_Format):
@@ -115,7 +118,10 @@ class ChatFormat(_Format):
         choices = [ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(n)]
         return self.chunk(choices, adaptation=report)
 
-    def delta(self, chunk: Chunk, output: Output, first: bool) -> ChatCompletionChunk | None:
+    def delta(
+        self, chunk: Chunk, output: Output, first: bool, report: AdaptationReport | None
+    ) -> ChatCompletionChunk | None:
+        """One token chunk; `report` (the final one) rides on the last chunk of the request."""
         if not (chunk.text or chunk.finish_reason or chunk.logprobs):
             return None
         logprobs = self.logprobs(chunk.token_ids, chunk.logprobs or []) if self.top is not None else None
@@ -125,7 +131,7 @@ class ChatFormat(_Format):
             logprobs=logprobs,
             finish_reason=chunk.finish_reason,
         )
-        return self.chunk([choice], adaptation=self.job.report if output.done else None)
+        return self.chunk([choice], adaptation=report if output.done else None)
 
     @staticmethod
     def _top(piece: str, logprob: float) -> TopLogprob:
@@ -142,7 +148,7 @@ class ChatFormat(_Format):
             )
         return ChatLogprobs(content=content)
 
-    def response(self, output: Output, prompt_tokens: int) -> ChatCompletionResponse:
+    def response(self, output: Output, report: AdaptationReport) -> ChatCompletionResponse:
         choices = [
             ChatChoice(
                 index=i,
@@ -152,7 +158,7 @@ class ChatFormat(_Format):
             )
             for i, c in enumerate(output.choices)
         ]
-        return ChatCompletionResponse(choices=choices, **self.summary(output, prompt_tokens))
+        return ChatCompletionResponse(choices=choices, **self.summary(output, report))
 
 
 class CompletionFormat(_Format):
@@ -200,7 +206,10 @@ class CompletionFormat(_Format):
             out.top_logprobs.append(None if entry is None else {self.piece(t): v for t, v in entry.items()})
         return out
 
-    def delta(self, chunk: Chunk, output: Output, first: bool) -> CompletionChunk | None:
+    def delta(
+        self, chunk: Chunk, output: Output, first: bool, report: AdaptationReport | None
+    ) -> CompletionChunk | None:
+        """One token chunk; `report` (the final one) rides on the last chunk of the request."""
         text = self._text(chunk.text, first)
         if not (text or chunk.finish_reason or (chunk.logprobs and not self.scoring)):
             return None
@@ -212,9 +221,9 @@ class CompletionFormat(_Format):
                 self._offsets[chunk.index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
         finish = ("length" if self.scoring else chunk.finish_reason) if chunk.finish_reason else None
         choice = CompletionChoice(index=chunk.index, text=text, logprobs=logprobs, finish_reason=finish)
-        return self.chunk([choice], adaptation=self.job.report if output.done else None)
+        return self.chunk([choice], adaptation=report if output.done else None)
 
-    def response(self, output: Output, prompt_tokens: int) -> CompletionResponse:
+    def response(self, output: Output, report: AdaptationReport) -> CompletionResponse:
         choices = []
         for i, c in enumerate(output.choices):
             logprobs = None
@@ -224,4 +233,4 @@ class CompletionFormat(_Format):
             choices.append(
                 CompletionChoice(index=i, text=self._text(c.text, True), logprobs=logprobs, finish_reason=finish)
             )
-        return CompletionResponse(choices=choices, **self.summary(output, prompt_tokens))
+        return CompletionResponse(choices=choices, **self.summary(output, report))

@@ -55,10 +55,6 @@ class PrometheusMetrics:
     def adapters_live(self, delta: int) -> None:
         self._live.inc(delta)
 
-    def live(self) -> float:
-        """The live-adapter gauge's value (for checks that nothing leaked)."""
-        return self._live._value.get()
-
     def exposition(self) -> bytes:
         from prometheus_client import generate_latest
 
@@ -91,6 +87,3 @@ class RayMetrics:
     def adapters_live(self, delta: int) -> None:
         self._live_value += delta
         self._live.set(self._live_value)
-
-    def live(self) -> float:
-        return float(self._live_value)

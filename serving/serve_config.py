@@ -6,7 +6,7 @@ cluster), and its `deployments` list the options `serving.deployments.build` pin
 reading the file sees replicas, resources and autoscaling. The index path is deliberately left to the
 nodes' environment (`SIFT_SERVE_INDEX_PATH`) unless the settings name one, so one file serves any index;
 the shard deployments (`Shard<i>`) are created from the index manifest at deploy time and carry
-`server.shard`'s options. API keys are never written: they reach the nodes through their environment.
+`deploy.shard`'s options. API keys are never written: they reach the nodes through their environment.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def serve_config(settings: Settings) -> dict[str, Any]:
         del args["server"]
     deployments = []
     for name, section in _PARTS:
-        options = deployment_options(getattr(settings.server, section), name)
+        options = deployment_options(getattr(settings.deploy, section), name)
         deployments.append({"name": options.pop("name"), **options})
     return {
         "proxy_location": "EveryNode",

@@ -4,32 +4,35 @@ usable with or without Ray Serve.
 
 Each is constructed from the one `Settings` object; each method is what a DeploymentHandle calls, and
 everything crossing it is a typed object (`SelectQuery` -> `SelectionResult`, `TrainRequest` ->
-`TrainStep`s then a `TrainResult`, a prompt and `Sampling` -> `Chunk`s).
+`TrainStep`s then a `TrainResult`, `GenerateRequest` -> `Chunk`s). In one process the services are their
+own clients: each satisfies its protocol in `serving.clients` (`check` is a no-op: an object in this
+process is always there).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from adapters.handle import AdapterBlob
-from adapters.trainer import Trainer, TrainRequest, TrainResult, TrainStep
+from adapters.spec import TrainRequest, TrainResult, TrainStep
+from adapters.trainer import Trainer
 from infra.models import resolve_model
 from selection.build import default_index_dir
 from selection.embed import Embedder, load_embedder
 from selection.index import Candidates, CorpusIndex, check_embedder, check_tokenizer
+from selection.manifest import IndexManifest
 from selection.selector import SelectionResult, SelectOptions, Selector
-from selection.shards import LocalShard, Shard, ShardedIndex, load_index, shard_count, shard_dir
+from selection.shards import LocalShard, Shard, ShardedIndex, load_index, shard_dir
 from selection.store import StoredChunk
 from serving.config import Settings
-from serving.engines import Chunk, Sampling, make_generator
+from serving.contracts import Chunk, GenerateRequest, Readiness, SelectQuery
+from serving.engines import make_generator
 
 log = logging.getLogger(__name__)
 
@@ -51,27 +54,26 @@ def open_index(settings: Settings, shards: list[Shard] | None = None) -> tuple[C
     from transformers import AutoTokenizer
 
     directory = index_dir(settings)
-    manifest = CorpusIndex.read_manifest(directory)
+    manifest = IndexManifest.read(directory)
     model = model_dir(settings)
     check_tokenizer(manifest, AutoTokenizer.from_pretrained(model), directory)
     embedder = load_embedder(settings.models.embedder, model, settings.models.device)
     if shards is None:
         return load_index(directory, embedder), embedder
-    if len(shards) != shard_count(manifest):
-        raise ValueError(f"{directory} has {shard_count(manifest)} shards, but {len(shards)} shard services were given")
+    if len(shards) != manifest.shards:
+        raise ValueError(f"{directory} has {manifest.shards} shards, but {len(shards)} shard services were given")
     check_embedder(manifest, embedder, directory)
     return ShardedIndex(manifest, shards, settings.server.shard_timeout_s), embedder
 
 
-@dataclass(frozen=True)
-class SelectQuery:
-    """One prompt's selection, and how to select."""
+class InProcess:
+    """A service object used directly, as its own client."""
 
-    prompt: str
-    options: SelectOptions
+    def check(self) -> None:
+        """An object in this process is always there."""
 
 
-class SelectorService:
+class SelectorService(InProcess):
     """Selection for prompts; concurrent calls are batched into one `Selector.select` per parameter set.
 
     A batch that fails is retried prompt by prompt, so one bad prompt fails only its own request; a batch
@@ -84,8 +86,8 @@ class SelectorService:
         self._lock = asyncio.Lock()
         self._pending: list[tuple[SelectQuery, asyncio.Future]] = []
 
-    async def ready(self) -> str:
-        return f"ready ({len(self.selector.index)} documents)"
+    async def ready(self) -> Readiness:
+        return Readiness(True, f"ready ({len(self.selector.index)} documents)")
 
     async def select(self, query: SelectQuery) -> SelectionResult:
         """The picks (with texts) and the variance trace for one prompt; see `Selector.select`."""
@@ -128,8 +130,8 @@ class ShardService:
     def __init__(self, settings: Settings, i: int) -> None:
         self.shard = LocalShard(shard_dir(index_dir(settings), i))
 
-    async def ready(self) -> str:
-        return f"ready (shard {self.shard.i} of {self.shard.of}: {len(self.shard)} documents)"
+    async def ready(self) -> Readiness:
+        return Readiness(True, f"ready (shard {self.shard.i} of {self.shard.of}: {len(self.shard)} documents)")
 
     async def search(self, queries: np.ndarray, k: int) -> Candidates:
         return await asyncio.to_thread(self.shard.search, queries, k)
@@ -147,66 +149,58 @@ def _settle(future: asyncio.Future, outcome: object) -> None:
         future.set_result(outcome)
 
 
-class TrainerService:
+class TrainerService(InProcess):
     """Test-time training as a stream: a `TrainStep` after each step, then the `TrainResult` (the adapter
-    as bytes)."""
+    as bytes). No thread waits per request: the trainer's loop thread hands steps and the result over."""
 
     def __init__(self, settings: Settings) -> None:
         self.trainer = Trainer(model_dir(settings), settings.trainer)
 
-    async def ready(self) -> str:
-        return "ready"
+    async def ready(self) -> Readiness:
+        return Readiness(True, "ready")
 
-    async def train(self, request: TrainRequest) -> AsyncIterator[TrainStep | TrainResult]:
+    async def train(self, request: TrainRequest) -> AsyncGenerator[TrainStep | TrainResult]:
         """Closing the stream early (a client disconnect) cancels the training within one step."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[TrainStep | None] = asyncio.Queue()
-        cancel = threading.Event()
-        outcome: list[TrainResult | BaseException] = []
+        steps: asyncio.Queue[TrainStep] = asyncio.Queue()
 
-        def work() -> None:
-            try:
-                outcome.append(
-                    self.trainer.train(request, cancel, lambda s: loop.call_soon_threadsafe(queue.put_nowait, s))
-                )
-            except BaseException as exc:
-                outcome.append(exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
+        def progress(step: TrainStep) -> None:  # on the trainer's loop thread
+            loop.call_soon_threadsafe(steps.put_nowait, step)
 
-        thread = threading.Thread(target=work, name=f"train-{request.request_id}", daemon=True)
-        thread.start()
+        ticket = self.trainer.submit(request, progress)
+        result = asyncio.wrap_future(ticket.future)
         try:
-            while (step := await queue.get()) is not None:
-                yield step
-            if isinstance(outcome[0], BaseException):
-                raise outcome[0]
-            yield outcome[0]
+            while not result.done():
+                step = asyncio.ensure_future(steps.get())
+                either: list[asyncio.Future[Any]] = [step, result]
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if step.done():
+                    yield step.result()
+                else:
+                    step.cancel()
+            while not steps.empty():
+                yield steps.get_nowait()
+            yield result.result()
         finally:
-            cancel.set()
-            await asyncio.to_thread(thread.join)
+            ticket.cancel()
 
 
-class GeneratorService:
+class GeneratorService(InProcess):
     """The answering engine (vLLM, or transformers as the fallback); `ray_metrics` under Ray Serve."""
 
     def __init__(self, settings: Settings, ray_metrics: bool = False) -> None:
-        self.generator = make_generator(
-            model_dir(settings), settings.generator, settings.trainer.rank, settings.trainer.device, ray_metrics
-        )
+        self.generator = make_generator(model_dir(settings), settings.generator, settings.trainer.rank, ray_metrics)
 
-    async def ready(self) -> str:
+    async def ready(self) -> Readiness:
         await self.generator.check_health()
-        return "ready"
+        return Readiness(True, "ready")
 
     async def check_health(self) -> None:
         """Ray Serve's health probe: raising marks the replica unhealthy, and Serve replaces it."""
         await self.generator.check_health()
 
-    async def generate(
-        self, request_id: str, prompt_ids: list[int], sampling: Sampling, adapter: AdapterBlob | None
-    ) -> AsyncIterator[Chunk]:
-        async with aclosing(self.generator.generate(request_id, prompt_ids, sampling, adapter)) as chunks:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[Chunk]:
+        async with aclosing(self.generator.generate(request)) as chunks:
             async for chunk in chunks:
                 yield chunk
 

@@ -176,6 +176,15 @@ def scrape(metrics_url: str, name: str) -> float | None:
     return sum(values) if values else None
 
 
+def live_adapters(server) -> float:
+    """The in-process server's live-adapter gauge, read from its Prometheus exposition (0 when nothing leaked)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = server.metrics.exposition().decode()
+    families = text_string_to_metric_families(text)
+    return sum(s.value for f in families for s in f.samples if s.name == "sift_adapters_live")
+
+
 @contextlib.contextmanager
 def running_app(settings) -> Iterator[Served]:
     """The Ray Serve application for `settings` on a local Ray cluster, torn down afterwards.
@@ -234,3 +243,38 @@ def running_tiny_app(tmp_path_factory, index_dir: Path, **sections) -> Iterator[
     tiny = tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "tiny-llama")
     with running_app(tiny_app_settings(tiny, index_dir, **sections)) as app:
         yield app
+
+
+def train_request(documents, documents_end=None, request_id: str = "", **spec):
+    """A `TrainRequest` with the server's default `TrainSpec` (the `adaptation` section's defaults and
+    `trainer.seed`, as `resolve` gives them), `spec` overriding its fields."""
+    import dataclasses
+
+    from adapters.spec import TrainRequest
+    from selection.stopping import StopReason
+    from serving.config import Settings
+    from serving.contracts import resolve
+
+    default = resolve(None, Settings()).training
+    end = StopReason.MAX_STEPS if documents_end is None else documents_end
+    return TrainRequest(tuple(documents), dataclasses.replace(default, **spec), end, request_id)
+
+
+def adapter_loss(model_dir: Path, text: str, adapter=None, max_tokens: int = 256) -> float:
+    """Mean next-token loss of `text` (truncated to `max_tokens`) under the base model in `model_dir`, with a
+    saved adapter (an `AdapterBlob`) loaded by peft as vLLM would load it; None: the base model alone."""
+    import tempfile
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = tokenizer(text, truncation=True, max_length=max_tokens, return_tensors="pt").input_ids
+    with tempfile.TemporaryDirectory() as root:
+        if adapter is not None:
+            handle = adapter.write(Path(root))
+            model = PeftModel.from_pretrained(model, str(handle.path))
+        with torch.no_grad():
+            return float(model.eval()(input_ids=ids, labels=ids).loss)

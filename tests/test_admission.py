@@ -25,7 +25,7 @@ def generator_queue_of_one(tmp_path_factory, small_index):
     """An application whose Generator takes 1 request and queues 1 (its own Ray cluster, gone after the test,
     before the module's `served` starts)."""
     generator = {"num_cpus": 0.5, "max_ongoing_requests": 1, "max_queued_requests": 1}
-    with running_tiny_app(tmp_path_factory, small_index.directory, server={"generator": generator}) as app:
+    with running_tiny_app(tmp_path_factory, small_index.directory, deploy={"generator": generator}) as app:
         yield app.url
 
 
@@ -50,7 +50,7 @@ def served(tmp_path_factory, small_index):
     with running_tiny_app(
         tmp_path_factory,
         small_index.directory,
-        server={"ingress": {"num_cpus": 0.25, "max_ongoing_requests": 1, "max_queued_requests": 1}},
+        deploy={"ingress": {"num_cpus": 0.25, "max_ongoing_requests": 1, "max_queued_requests": 1}},
     ) as app:
         yield app.url
 

@@ -49,7 +49,7 @@ def test_index_build_and_select(tmp_path, small_corpus):
     "args,message",
     [
         (["select", "--index", "/nonexistent", "q"], "not a sift-serve index"),
-        (["select", "--index", "/nonexistent", "q", "-n", "0"], "max_picks"),
+        (["select", "--index", "/nonexistent", "q", "-n", "0"], "context_documents"),
         (["select", "--index", "/nonexistent", "q", "--method", "bogus"], "method"),
         (["index", "build", "/nonexistent/corpus.jsonl", "--out", "/tmp/x"], "does not exist"),
         (["index", "build"], "either a CORPUS"),
@@ -69,11 +69,11 @@ def test_index_build_refuses_empty_corpus(tmp_path):
 
 def test_config_file_is_validated(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("selection:\n  lambda: -1\n")
+    bad.write_text("adaptation:\n  lambda: -1\n")
     out = run("select", "--config", str(bad), "q")
     assert out.returncode == 2 and "configuration error" in out.stderr
     unknown = tmp_path / "unknown.yaml"
-    unknown.write_text("selection:\n  lamda: 0.1\n")
+    unknown.write_text("adaptation:\n  lamda: 0.1\n")
     assert "Extra inputs" in run("select", "--config", str(unknown), "q").stderr
 
 
@@ -91,11 +91,11 @@ def test_example_configs_are_valid(monkeypatch):
     monkeypatch.delenv("SIFT_SERVE_API_KEY", raising=False)
     deploy = Path(__file__).parents[1] / "deploy"
     settings = Settings.load(deploy / "sift-serve.example.yaml")
-    assert settings.selection.lambda_ == 0.01 and settings.index.kind == "auto"
+    assert settings.adaptation.lambda_ == 0.01 and settings.index.kind == "auto"
     assert "~" not in str(settings.models.cache_dir)
     assert settings.model_dump() == Settings(models={"cache_dir": settings.models.cache_dir}).model_dump()
     gpu = Settings.load(deploy / "sift-serve.gpu.yaml")
-    assert gpu.trainer.max_train_tokens == 1024 and gpu.selection.max_picks == 50
+    assert gpu.adaptation.max_train_tokens == 1024 and gpu.adaptation.context_documents == 50
 
 
 def test_serve_config_builds_the_application(small_index):

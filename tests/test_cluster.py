@@ -223,7 +223,7 @@ def test_replicas_land_on_the_nodes_the_config_names(cluster):
 def test_adapted_answer_picks_what_the_unsharded_index_picks(cluster, small_index, minilm):
     from selection.selector import Selector
     from serving.config import Settings
-    from serving.pipeline import plan_adaptation
+    from serving.contracts import resolve
     from serving.protocol import AdaptationOptions
 
     client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", timeout=300, max_retries=0)
@@ -233,8 +233,8 @@ def test_adapted_answer_picks_what_the_unsharded_index_picks(cluster, small_inde
     report = answer.model_extra["adaptation"]
     assert report["steps"] == 2 and report["error"] is None and answer.choices[0].message.content
     settings = Settings.load(ROOT / "deploy" / "sift-serve.cluster.yaml")
-    plan = plan_adaptation(AdaptationOptions(**ADAPT["adaptation"]), settings)
-    whole = Selector(small_index, minilm).select([PROMPT], plan.selection)[0]
+    spec = resolve(AdaptationOptions(**ADAPT["adaptation"]), settings)
+    whole = Selector(small_index, minilm).select([PROMPT], spec.selection)[0]
     assert [d["id"] for d in report["documents"]] == [d.id for d in whole.documents]
 
 

@@ -14,23 +14,25 @@ from serving.config import Settings
 @pytest.fixture()
 def config_file(tmp_path):
     path = tmp_path / "sift.yaml"
-    path.write_text("trainer:\n  rank: 8\n  max_steps: 3\nserver:\n  port: 9000\n  api_keys: [from-file]\n")
+    path.write_text(
+        "trainer:\n  rank: 8\nadaptation:\n  max_steps: 3\nserver:\n  port: 9000\n  api_keys: [from-file]\n"
+    )
     return path
 
 
 def test_sections_merge_key_by_key(config_file):
-    settings = Settings.load(config_file, {"trainer": {"max_steps": 4}})
-    assert (settings.trainer.max_steps, settings.trainer.rank, settings.server.port) == (4, 8, 9000)
-    assert settings.trainer.learning_rate == Settings().trainer.learning_rate  # untouched keys keep defaults
+    settings = Settings.load(config_file, {"adaptation": {"max_steps": 4}, "trainer": {"lora_alpha": 8}})
+    assert (settings.adaptation.max_steps, settings.trainer.rank, settings.server.port) == (4, 8, 9000)
+    assert settings.adaptation.learning_rate == Settings().adaptation.learning_rate  # untouched keys keep defaults
 
 
 def test_precedence_flag_over_env_over_file(config_file, monkeypatch):
-    monkeypatch.setenv("SIFT_SERVE_TRAINER__MAX_STEPS", "7")
+    monkeypatch.setenv("SIFT_SERVE_ADAPTATION__MAX_STEPS", "7")
     monkeypatch.setenv("SIFT_SERVE_SERVER__API_KEYS", '["from-env"]')
     from_env = Settings.load(config_file)
-    assert from_env.trainer.max_steps == 7 and from_env.trainer.rank == 8
+    assert from_env.adaptation.max_steps == 7 and from_env.trainer.rank == 8
     assert from_env.server.keys() == ["from-env"]
-    assert Settings.load(config_file, {"trainer": {"max_steps": 2}}).trainer.max_steps == 2
+    assert Settings.load(config_file, {"adaptation": {"max_steps": 2}}).adaptation.max_steps == 2
 
 
 def test_key_file_adds_keys(tmp_path):
@@ -44,9 +46,9 @@ def test_key_file_adds_keys(tmp_path):
     "overrides,message",
     [
         ({"trainer": {"bogus": 1}}, "bogus"),
-        ({"trainer": {"learning_rate": float("nan")}}, "learning_rate"),
-        ({"selection": {"lambda": 1e-9}}, "lambda"),
-        ({"trainer": {"max_steps": 40}}, "server.limits.max_steps"),
+        ({"adaptation": {"learning_rate": float("nan")}}, "learning_rate"),
+        ({"adaptation": {"lambda": 1e-9}}, "lambda"),
+        ({"adaptation": {"max_steps": 40}}, "server.limits.max_steps"),
         ({"server": {"heartbeat_s": 30}}, "heartbeat_s"),
     ],
 )
@@ -122,4 +124,4 @@ def test_the_cli_refuses_an_empty_api_key_before_starting_anything():
 def test_a_selector_scaled_to_zero_is_refused():
     """A request is admitted only while the Selector has a running replica, so it could never scale up."""
     with pytest.raises(ValidationError, match="min_replicas must be >= 1"):
-        Settings.load(None, {"server": {"selector": {"num_cpus": 0.25, "autoscaling": {"min_replicas": 0}}}})
+        Settings.load(None, {"deploy": {"selector": {"num_cpus": 0.25, "autoscaling": {"min_replicas": 0}}}})

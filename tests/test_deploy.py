@@ -50,22 +50,22 @@ def test_serve_config_args_rebuild_the_same_settings():
     assert Settings.load(overrides=application["args"]) == cluster_settings()
     settings = cluster_settings()
     for entry in application["deployments"]:
-        section = getattr(settings.server, entry["name"].lower())
+        section = getattr(settings.deploy, entry["name"].lower())
         assert deployment_options(section, entry["name"]) == entry
 
 
 def test_autoscaling_and_placement_options():
     settings = cluster_settings()
-    ingress = deployment_options(settings.server.ingress, "Ingress")
+    ingress = deployment_options(settings.deploy.ingress, "Ingress")
     assert "num_replicas" not in ingress and ingress["autoscaling_config"]["max_replicas"] == 4
-    assert deployment_options(settings.server.shard, "Shard0")["ray_actor_options"]["resources"] == {"index_shard": 1}
-    trainer = deployment_options(settings.server.trainer, "Trainer")
+    assert deployment_options(settings.deploy.shard, "Shard0")["ray_actor_options"]["resources"] == {"index_shard": 1}
+    trainer = deployment_options(settings.deploy.trainer, "Trainer")
     assert trainer["num_replicas"] == 1 and trainer["ray_actor_options"]["num_gpus"] == 0.5
     with pytest.raises(ValueError, match="fixed replicas"):
-        Settings.model_validate({"server": {"trainer": {"num_cpus": 1, "autoscaling": {"max_replicas": 2}}}})
+        Settings.model_validate({"deploy": {"trainer": {"num_cpus": 1, "autoscaling": {"max_replicas": 2}}}})
     with pytest.raises(ValueError, match="max_replicas"):
         Settings.model_validate(
-            {"server": {"ingress": {"num_cpus": 1, "autoscaling": {"min_replicas": 3, "max_replicas": 2}}}}
+            {"deploy": {"ingress": {"num_cpus": 1, "autoscaling": {"min_replicas": 3, "max_replicas": 2}}}}
         )
 
 
@@ -96,7 +96,7 @@ def test_rayservice_embeds_the_serve_config_and_sizes_shm(default_model_dir):
     # CPU workers hold the Selector and shards (custom resource), GPU workers the Trainer and Generator.
     assert json.loads(json.loads(groups["cpu"]["rayStartParams"]["resources"]))["index_shard"] >= 2
     assert groups["gpu"]["rayStartParams"]["num-gpus"] == "1"
-    assert settings.server.trainer.num_gpus + settings.server.generator.num_gpus <= 1
+    assert settings.deploy.trainer.num_gpus + settings.deploy.generator.num_gpus <= 1
     adapters = settings.generator.max_loras * adapter_bytes(
         default_model_dir, settings.trainer.rank, settings.trainer.target_modules
     )

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from serving.app import create_app
 from serving.cli import app as cli
 from serving.openai_server import local_server
-from tests.conftest import running_app, tiny_app_settings, tiny_llama_dir
+from tests.conftest import live_adapters, running_app, tiny_app_settings, tiny_llama_dir
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = [{"role": "user", "content": "How do I read rows from a CSV file?"}]
@@ -27,13 +27,16 @@ async def test_training_that_raises_half_way_answers_with_the_base_model(tmp_pat
     settings = tiny_app_settings(
         tiny_llama_dir(tmp_path / "tiny"),
         small_index.directory,
-        trainer={"max_steps": 4, "max_train_tokens": 32},
-        selection={"min_gain": 0},  # fixed step counts; the rule is tested in test_server_local
+        adaptation={
+            "max_steps": 4,
+            "max_train_tokens": 32,
+            "min_gain": 0,
+        },  # fixed step counts (rule: test_server_local)
         generator={"max_model_len": 256, "adapter_dir": str(tmp_path / "adapters")},
     )
     server = local_server(settings)
-    trainer = server.clients["trainer"].service.trainer
-    step, calls = trainer._step, []
+    trainer = server.clients["trainer"].trainer
+    step, calls = trainer._next_rows, []
 
     def fails_on_the_second_step(jobs):
         calls.append(len(jobs))
@@ -41,7 +44,7 @@ async def test_training_that_raises_half_way_answers_with_the_base_model(tmp_pat
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return step(jobs)
 
-    trainer._step = fails_on_the_second_step
+    trainer._next_rows = fails_on_the_second_step
     body = {"model": "tiny", "messages": PROMPT, "max_tokens": 3}
     transport = httpx.ASGITransport(app=create_app(server))
     async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=300) as client:
@@ -50,8 +53,8 @@ async def test_training_that_raises_half_way_answers_with_the_base_model(tmp_pat
         assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] is not None
         assert report["error"] == "training failed; answered by the base model"
         assert report["adapter"] is False and len(calls) == 2
-        assert list((tmp_path / "adapters").iterdir()) == [] and server.metrics.live() == 0
-        trainer._step = step
+        assert list((tmp_path / "adapters").iterdir()) == [] and live_adapters(server) == 0
+        trainer._next_rows = step
         again = await client.post("/v1/chat/completions", json=body)
         assert again.json()["adaptation"]["steps"] == 4  # the trainer's loop survived
 
@@ -82,8 +85,7 @@ def served(tmp_path_factory, small_index, default_model_dir):
     settings = tiny_app_settings(
         default_model_dir,
         small_index.directory,
-        selection={"candidates": 30, "min_gain": 0},
-        trainer={"max_steps": 6, "max_train_tokens": 128},
+        adaptation={"candidates": 30, "min_gain": 0, "max_steps": 6, "max_train_tokens": 128},
         generator={"max_model_len": 1024, "adapter_dir": str(adapters)},
     )
     with running_app(settings) as app:

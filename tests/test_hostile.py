@@ -32,8 +32,7 @@ def app(tmp_path_factory, small_index):
     server = tiny_local_server(
         tmp_path_factory,
         small_index.directory,
-        selection={"candidates": 20},
-        trainer={"max_steps": 1, "max_train_tokens": 32},
+        adaptation={"candidates": 20, "max_steps": 1, "max_train_tokens": 32},
         generator={"max_model_len": 256, "default_max_tokens": 4},
         server={"limits": {"max_steps": 2, "candidates": 50, "n": 2}},
     )

@@ -25,8 +25,7 @@ def server(tmp_path_factory, small_index):
     return tiny_local_server(
         tmp_path_factory,
         small_index.directory,
-        selection={"candidates": 20},
-        trainer={"max_steps": 2, "max_train_tokens": 32, "learning_rate": 1e-3},
+        adaptation={"candidates": 20, "max_steps": 2, "max_train_tokens": 32, "learning_rate": 1e-3},
         generator={"max_model_len": 256, "default_max_tokens": 4},
     )
 
@@ -59,7 +58,7 @@ async def test_unmatched_paths_share_one_metrics_label(raw):
 
 async def test_diverged_training_answers_with_the_base_model_and_valid_json(raw, server, monkeypatch):
     """A slot whose weights go non-finite: stop reason `diverged`, no adapter, no NaN anywhere (was a 500)."""
-    bank = server.clients["trainer"].service.trainer.bank
+    bank = server.clients["trainer"].trainer.step.bank
     reset = bank.reset
 
     def reset_to_nan(slot: int, seed: int) -> None:
@@ -80,7 +79,7 @@ async def test_min_tokens_above_max_tokens_is_a_400_before_any_work(raw, server,
     async def no_selection(*args, **kwargs):
         raise AssertionError("selection ran for a request that was bound to fail")
 
-    monkeypatch.setattr(server.clients["selector"], "call", no_selection)
+    monkeypatch.setattr(server.clients["selector"], "select", no_selection)
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "min_tokens": 5}
     response = await raw.post("/v1/chat/completions", json=body)
     assert response.status_code == 400 and response.json()["error"]["param"] == "min_tokens"
@@ -196,16 +195,16 @@ def test_vllm_flags_and_engine_args_are_checked_before_anything_starts(tmp_path)
 
 
 def test_the_chat_template_flag_is_used(tmp_path, server):
-    from serving.openai_server import load_chat_template
+    from serving.prompts import load_chat_template
 
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
     assert load_chat_template(str(template)) == template.read_text()
-    server.chat_template = load_chat_template(str(template))
+    server.prompts.chat_template = load_chat_template(str(template))
     try:
         from serving.protocol import ChatMessage
 
-        ids = server.render_chat([ChatMessage(role="user", content="hi there")], add_generation_prompt=False)
+        ids = server.prompts.chat([ChatMessage(role="user", content="hi there")], add_generation_prompt=False)
         assert server.tokenizer.decode(ids).strip() == "[user] hi there"
     finally:
-        server.chat_template = None
+        server.prompts.chat_template = None

@@ -13,7 +13,7 @@ import torch
 from selection.corpus import chunk_documents, read_corpus
 from selection.index import CorpusIndex, tokenizer_fingerprint
 from serving.config import Settings
-from tests.conftest import running_app
+from tests.conftest import running_app, train_request
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +40,11 @@ def served(tmp_path_factory, small_corpus, minilm, tokenizer):
     settings = Settings.model_validate(
         {
             "index_path": str(index_dir),
-            "selection": {"candidates": 30, "min_gain": 0},  # fixed step counts; the rule: test_server_local
-            "trainer": TRAINER,
+            "adaptation": {
+                "candidates": 30,
+                "min_gain": 0,
+                **TRAINER,
+            },  # fixed step counts; the rule: test_server_local
             "generator": {"max_model_len": 1024, "default_max_tokens": 8, "adapter_dir": str(adapters)},
         }
     )
@@ -170,8 +173,7 @@ def test_the_answer_comes_from_the_adapter(client, served, default_model_dir, mi
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from adapters.config import TrainerConfig
-    from adapters.trainer import Trainer, TrainRequest
+    from adapters.trainer import Trainer
     from selection.selector import SelectOptions, Selector
 
     text = "import csv\nwith open('data.csv', newline='') as f:\n    for row in csv.reader(f):\n        print(row)"
@@ -188,9 +190,9 @@ def test_the_answer_comes_from_the_adapter(client, served, default_model_dir, mi
     index = CorpusIndex.load(served[2], minilm)
     picked = Selector(index, minilm).select([text], SelectOptions(2, candidates=30))[0]
     assert [d.id for d in picked.documents] == [d["id"] for d in report["documents"]]
-    trainer = Trainer(default_model_dir, TrainerConfig(**TRAINER))
-    result = trainer.train(TrainRequest(documents=[d.text for d in picked.documents]))
-    ids = trainer.tokenizer(text).input_ids
+    trainer = Trainer(default_model_dir)
+    result = trainer.train(train_request([d.text for d in picked.documents], **TRAINER))
+    ids = trainer.step.tokenizer(text).input_ids
     files = result.adapter.write(tmp_path)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(default_model_dir), files.path)
     with torch.no_grad():

@@ -15,9 +15,9 @@ import torch
 from selection.selector import SelectOptions
 from serving.app import create_app
 from serving.config import Settings
+from serving.contracts import SelectQuery
 from serving.openai_server import local_server
-from serving.services import SelectQuery
-from tests.conftest import tiny_llama_dir
+from tests.conftest import live_adapters, tiny_llama_dir
 
 MODEL = "tiny-llama"
 MESSAGES = [{"role": "user", "content": "How do I read rows from a CSV file?"}]
@@ -30,17 +30,17 @@ def settings(tmp_path_factory, small_index) -> Settings:
         {
             "models": {"base_model": str(tiny)},
             "index_path": str(small_index.directory),
-            "selection": {"candidates": 20},
-            "trainer": {
+            "adaptation": {
+                "candidates": 20,
                 "max_steps": 2,
                 "max_train_tokens": 32,
                 "learning_rate": 1e-3,
+                "context_tokens": 160,
             },
             "generator": {
                 "engine": "transformers",
                 "max_model_len": 256,
                 "default_max_tokens": 8,
-                "context_tokens": 160,
                 "adapter_dir": str(tmp_path_factory.mktemp("adapters")),
             },
             "server": {"limits": {"max_steps": 8, "candidates": 50}},
@@ -80,7 +80,7 @@ def adapters_left(server) -> list:
 
 
 def gauge(server) -> float:
-    return server.metrics.live()
+    return live_adapters(server)
 
 
 def sse_events(text: str) -> list[dict]:
@@ -196,7 +196,7 @@ async def test_echo_logprobs_score_the_prompt(client, server):
     lp = out.choices[0].logprobs
     assert out.choices[0].text == prompt and lp.token_logprobs[0] is None
     ids = server.tokenizer(prompt).input_ids
-    model = server.clients["generator"].service.generator.model
+    model = server.clients["generator"].generator.model
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
     expected = [float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)]
@@ -331,20 +331,20 @@ async def test_unknown_fields_are_ignored_with_one_warning(raw, caplog):
 
 
 async def test_operator_switch_and_whitespace_prompts(raw, server, monkeypatch):
-    monkeypatch.setattr(server.settings.server, "adaptation_enabled", False)
+    monkeypatch.setattr(server.settings.adaptation, "enabled", False)
     on = await raw.post(
         "/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "adaptation": {"enabled": True}}
     )
     assert on.status_code == 400 and on.json()["error"]["code"] == "adaptation_disabled"
     off = await raw.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2})
     assert off.status_code == 200 and off.json()["adaptation"]["enabled"] is False
-    monkeypatch.setattr(server.settings.server, "adaptation_enabled", True)
+    monkeypatch.setattr(server.settings.adaptation, "enabled", True)
     blank = await raw.post("/v1/completions", json={"model": MODEL, "prompt": "   \n "})
     assert blank.status_code == 400 and blank.json()["error"]["param"] == "prompt"
 
 
 async def test_one_invalid_prompt_fails_only_itself_in_a_selection_batch(server):
-    selector = server.clients["selector"].service
+    selector = server.clients["selector"]
     queries = [SelectQuery(p, SelectOptions(2, candidates=10)) for p in ("csv rows", "   ", "heap queue")]
     outcomes = await asyncio.gather(*(selector.select(q) for q in queries), return_exceptions=True)
     assert isinstance(outcomes[1], ValueError)
@@ -415,7 +415,7 @@ async def test_health_names_the_part_that_is_not_ready(raw, server, monkeypatch)
     async def down() -> str:
         raise RuntimeError("engine gone")
 
-    monkeypatch.setattr(server.clients["generator"].service, "ready", down)
+    monkeypatch.setattr(server.clients["generator"], "ready", down)
     response = await raw.get("/health")
     assert response.status_code == 503 and response.json()["parts"]["generator"].startswith("not ready")
     assert response.json()["parts"]["selector"].startswith("ready")
@@ -433,7 +433,7 @@ async def test_training_failure_falls_back_to_the_base_model(client, server, mon
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(server.clients["trainer"].service.trainer, "train", broken)
+    monkeypatch.setattr(server.clients["trainer"].trainer, "submit", broken)
     done = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3)
     report = done.model_extra["adaptation"]
     assert report["adapter"] is False and report["stop_reason"] == "error" and "base model" in report["error"]
@@ -441,7 +441,7 @@ async def test_training_failure_falls_back_to_the_base_model(client, server, mon
 
 
 async def test_streamed_errors_after_the_first_byte(raw, server, monkeypatch):
-    engine = server.clients["generator"].service.generator
+    engine = server.clients["generator"].generator
     decode = engine._decode
 
     def decode_then_fail(model, prompt_ids, sampling, index, stop, emit, load_s):
@@ -497,7 +497,7 @@ def live(server):
 async def eventually_clean(server, seconds: float = 20) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
-    engine = server.clients["generator"].service
+    engine = server.clients["generator"]
     while loop.time() < deadline:
         if adapters_left(server) == [] and gauge(server) == 0 and await engine.loaded_adapters() == 0:
             return
@@ -514,7 +514,7 @@ async def hang_up_after(url: str, body: dict, marker: str) -> None:
 
 
 async def test_disconnect_after_training_before_generation_starts(live, server, monkeypatch):
-    service = server.clients["generator"].service
+    service = server.clients["generator"]
     called = asyncio.Event()
 
     async def not_started_yet(request_id, prompt_ids, sampling, adapter):

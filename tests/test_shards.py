@@ -95,7 +95,8 @@ async def test_a_hung_shard_costs_one_timeout_per_batch(small_index, tmp_path):
 
     from selection.shards import LocalShard, ShardTimeoutError, shard_dir
     from serving.config import Settings
-    from serving.services import SelectorService, SelectQuery
+    from serving.contracts import SelectQuery
+    from serving.services import SelectorService
 
     out = split_index(small_index.directory, tmp_path / "idx", 2, progress=False)
 

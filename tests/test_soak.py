@@ -15,7 +15,7 @@ def test_short_soak_loses_and_leaks_nothing(small_index, tmp_path):
     settings = Settings.model_validate(
         {
             "index_path": str(small_index.directory),
-            "selection": {"candidates": 30},
+            "adaptation": {"candidates": 30},
             "generator": {"max_model_len": 1024, "adapter_dir": str(tmp_path / "adapters")},
         }
     )

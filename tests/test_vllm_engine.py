@@ -7,11 +7,10 @@ import asyncio
 import psutil
 import pytest
 
-from adapters.config import TrainerConfig
-from adapters.trainer import Trainer, TrainRequest
+from adapters.trainer import Trainer
 from serving.config import GeneratorConfig
-from serving.engines import Sampling
-from tests.conftest import STDLIB
+from serving.contracts import GenerateRequest, Sampling
+from tests.conftest import STDLIB, train_request
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]  # one engine, one loop
 
@@ -30,17 +29,18 @@ def engine(default_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trainer(default_model_dir, tmp_path_factory):
-    return Trainer(default_model_dir, TrainerConfig(max_steps=1, max_train_tokens=32))
+    return Trainer(default_model_dir)
 
 
 async def generate(generator, adapter) -> str:
-    chunks = [c async for c in generator.generate("r1", [1, 2, 3, 4], Sampling(max_tokens=3, temperature=0), adapter)]
+    request = GenerateRequest("r1", (1, 2, 3, 4), Sampling(max_tokens=3, temperature=0), adapter)
+    chunks = [c async for c in generator.generate(request)]
     return "".join(c.text for c in chunks)
 
 
 async def test_a_failing_remove_lora_still_deletes_the_directory(engine, trainer, monkeypatch):
     generator, _ = engine
-    adapter = trainer.train(TrainRequest(documents=[(STDLIB / "csv.py").read_text()])).adapter
+    adapter = trainer.train(train_request([(STDLIB / "csv.py").read_text()], max_steps=1, max_train_tokens=32)).adapter
 
     async def refuses(lora_id: int) -> bool:
         raise RuntimeError("engine refused to unload")

@@ -11,17 +11,16 @@ from pathlib import Path
 
 from infra.config import resolve_device
 from serving.config import GeneratorConfig
-from serving.engines.base import Chunk, Generator, Sampling, SamplingDefaults, context_length
+from serving.contracts import Chunk, Sampling, SamplingDefaults
+from serving.engines.base import Generator, context_length
 
 __all__ = ["Chunk", "Generator", "Sampling", "SamplingDefaults", "context_length", "make_generator"]
 
 
-def make_generator(
-    model_dir: Path, config: GeneratorConfig, adapter_rank: int, device: str, ray_metrics: bool = False
-) -> Generator:
-    """The configured engine over `model_dir`, able to load adapters of rank `adapter_rank`; with
-    `ray_metrics`, vLLM's own metrics are exported as Ray metrics."""
-    device = resolve_device(device)
+def make_generator(model_dir: Path, config: GeneratorConfig, adapter_rank: int, ray_metrics: bool = False) -> Generator:
+    """The configured engine over `model_dir` on `config.device`, able to load adapters of rank
+    `adapter_rank`; with `ray_metrics`, vLLM's own metrics are exported as Ray metrics."""
+    device = resolve_device(config.device)
     if config.engine == "vllm":
         from serving.engines.vllm_engine import VLLMGenerator
 

@@ -11,14 +11,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 import torch
 
-from adapters.handle import AdapterBlob
 from serving.config import GeneratorConfig
-from serving.engines.base import Chunk, Sampling, TokenLogprobs, context_length, local_adapter_root
+from serving.contracts import Chunk, GenerateRequest, Sampling, TokenLogprobs
+from serving.engines.base import context_length, local_adapter_root
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,13 @@ class TransformersGenerator:
     async def check_health(self) -> None:
         return None  # in-process: if the model is gone, so is the replica
 
-    async def generate(
-        self, request_id: str, prompt_ids: list[int], sampling: Sampling, adapter: AdapterBlob | None
-    ) -> AsyncIterator[Chunk]:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[Chunk]:
+        request_id, prompt_ids, sampling, adapter = (
+            request.request_id,
+            list(request.prompt_ids),
+            request.sampling,
+            request.adapter,
+        )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()

@@ -12,13 +12,13 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import asdict
 from pathlib import Path
 
-from adapters.handle import AdapterBlob
 from serving.config import GeneratorConfig
-from serving.engines.base import Chunk, Sampling, TokenLogprobs, context_length, local_adapter_root
+from serving.contracts import Chunk, GenerateRequest, TokenLogprobs
+from serving.engines.base import context_length, local_adapter_root
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,13 @@ class VLLMGenerator:
     async def check_health(self) -> None:
         await self.engine.check_health()
 
-    async def generate(
-        self, request_id: str, prompt_ids: list[int], sampling: Sampling, adapter: AdapterBlob | None
-    ) -> AsyncIterator[Chunk]:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[Chunk]:
+        request_id, prompt_ids, sampling, adapter = (
+            request.request_id,
+            list(request.prompt_ids),
+            request.sampling,
+            request.adapter,
+        )
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest

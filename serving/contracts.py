@@ -1,0 +1,199 @@
+"""The request-level contract: what one request asks of each service, and what comes back, fully resolved.
+
+Torch-free and Ray-free, so every layer and every process shares these types. `resolve` is the one place
+where a request's `adaptation` options meet the server's defaults (the `adaptation` section) and ceilings
+(`server.limits`): everything below the route receives the resolved `AdaptationSpec` (or the part of it
+that it needs: `SelectOptions` for selection, `TrainSpec` for training), never an optional that it would
+have to default itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapters.spec import TrainSpec
+from selection.selector import SelectOptions
+from serving.config import LIMITED, ContextMode, Settings
+
+if TYPE_CHECKING:
+    from adapters.handle import AdapterBlob
+    from serving.protocol import AdaptationOptions
+
+
+@dataclass(frozen=True)
+class ContextSpec:
+    """In-context retrieval: whether the picked documents also go before the prompt, and the token budget."""
+
+    mode: ContextMode
+    tokens: int
+    """Most prompt tokens the documents may add (whole documents only)."""
+
+
+@dataclass(frozen=True)
+class AdaptationSpec:
+    """What adaptation one request gets, after defaults and limits."""
+
+    enabled: bool
+    selection: SelectOptions
+    """How documents are picked: `max_steps` of them to train on, or `context_documents` to fill the
+    context from."""
+    training: TrainSpec
+    context: ContextSpec
+    progress: bool
+    """Whether the stream carries `adaptation.progress` events before the first token."""
+
+    @property
+    def selects(self) -> bool:
+        """Whether this request runs selection: to train, or to fill its context."""
+        return self.enabled and (self.training.max_steps > 0 or self.context.mode is ContextMode.PREPEND)
+
+    @property
+    def trains(self) -> bool:
+        return self.enabled and self.training.max_steps > 0
+
+    @property
+    def context_budget(self) -> int:
+        """Prompt tokens the documents may add (0 without in-context retrieval)."""
+        return self.context.tokens if self.enabled and self.context.mode is ContextMode.PREPEND else 0
+
+
+def resolve(options: AdaptationOptions | None, settings: Settings) -> AdaptationSpec:
+    """The request's adaptation within the server's limits: a 400 naming the limit for an option above it,
+    and for `enabled: true` where the operator switched adaptation off."""
+    from serving.errors import bad_request  # the wire models import this module's types
+    from serving.protocol import AdaptationOptions
+
+    opts = options or AdaptationOptions()
+    defaults, limits = settings.adaptation, settings.server.limits
+    if opts.enabled and not defaults.enabled:
+        raise bad_request("adaptation is switched off on this server", "adaptation.enabled", "adaptation_disabled")
+    for name in LIMITED:
+        value, cap = getattr(opts, name), getattr(limits, name)
+        if value is not None and value > cap:
+            message = f"adaptation.{name} is {value}; this server allows at most {cap} (server.limits.{name})"
+            raise bad_request(message, f"adaptation.{name}", "limit_exceeded")
+
+    def pick(name: str) -> Any:
+        """The request's option `name`, or the `adaptation` section's default of the same name."""
+        value = getattr(opts, name)
+        return getattr(defaults, name) if value is None else value
+
+    context = ContextSpec(mode=pick("context"), tokens=pick("context_tokens"))
+    training = TrainSpec(
+        max_steps=pick("max_steps"),
+        learning_rate=pick("learning_rate"),
+        max_train_tokens=pick("max_train_tokens"),
+        time_budget_s=pick("time_budget_s"),
+        seed=settings.trainer.seed,
+    )
+    picks = defaults.context_documents if context.mode is ContextMode.PREPEND else training.max_steps
+    selection = SelectOptions(
+        n=picks,
+        method=pick("method"),
+        lambda_=pick("lambda_"),
+        alpha=pick("alpha"),
+        candidates=pick("candidates"),
+        min_gain=pick("min_gain"),
+        step_tokens=training.max_train_tokens,
+    )
+    return AdaptationSpec(
+        enabled=pick("enabled"), selection=selection, training=training, context=context, progress=opts.progress
+    )
+
+
+@dataclass(frozen=True)
+class SelectQuery:
+    """One prompt's selection, and how to select."""
+
+    prompt: str
+    options: SelectOptions
+
+
+TokenLogprobs = dict[int, float]
+"""{token id: logprob} for one position, the chosen token first, then the top alternatives."""
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampling settings a request falls back to when it sets none: the model's generation_config.json
+    (as vLLM does), else the OpenAI defaults."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def from_model(cls, model_dir: Path) -> SamplingDefaults:
+        path = Path(model_dir) / "generation_config.json"
+        if not path.is_file():
+            return cls()
+        config = json.loads(path.read_text())
+        known = {f.name: config[f.name] for f in fields(cls) if config.get(f.name) is not None}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings of one request, engine-neutral (vLLM's SamplingParams vocabulary).
+
+    top_k 0 and min_p 0 switch those filters off; `n` choices are sampled from one prompt (and adapter).
+    """
+
+    max_tokens: int
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    """Log-probabilities of generated tokens with this many alternatives; None for none."""
+    prompt_logprobs: int | None = None
+    """Log-probabilities of the prompt's tokens (echo) with this many alternatives; None for none."""
+
+
+@dataclass
+class Chunk:
+    """A piece of one choice's streamed generation."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    """One entry per generated token in this chunk (when requested)."""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """Per prompt token, None for the first (on the stream's first chunk only, when requested)."""
+    load_adapter_s: float = 0.0
+    """Seconds spent loading the adapter (on the stream's first chunk only)."""
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation: a tokenised prompt, its sampling, and the request's adapter (None: the base model)."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: Sampling
+    adapter: AdapterBlob | None = None
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether a service can answer, and a word on it (for /health)."""
+
+    ready: bool
+    detail: str

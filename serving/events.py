@@ -1,0 +1,91 @@
+"""What happens to one request, in order: the immutable events the pipeline yields.
+
+    Selected -> [ContextFilled] -> TrainStep* -> Trained | AdaptationFailed -> GenerationStarted -> Generated*
+
+Selection or training may end in `AdaptationFailed` (the base model answers); a request without adaptation
+goes straight to `GenerationStarted`. The format layer folds these into the response and its `adaptation`
+report (`serving.report`); nothing downstream reads state the pipeline mutated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adapters.spec import TrainStep
+from selection.stopping import StopReason
+from serving.contracts import Chunk
+from serving.protocol import DocumentRef
+
+
+@dataclass(frozen=True)
+class Selected:
+    """Selection is done: these documents, in this order, with the prompt's variance after each pick."""
+
+    documents: tuple[DocumentRef, ...]
+    sigma2: tuple[float, ...]
+    stop_reason: StopReason
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ContextFilled:
+    """The first `documents` picks were placed before the prompt; `prompt_ids` is what generation gets."""
+
+    documents: int
+    prompt_ids: tuple[int, ...]
+    added_tokens: int
+
+
+@dataclass(frozen=True)
+class Trained:
+    """Training is over: `adapter` says whether an adapter came back (it travels with the request, not in
+    the event)."""
+
+    steps: int
+    losses: tuple[float, ...]
+    tokens: int
+    stop_reason: StopReason
+    adapter: bool
+    queue_seconds: float
+    train_seconds: float
+    error: str | None = None
+    """Set when the adapter was discarded (training diverged): the base model answers."""
+
+
+@dataclass(frozen=True)
+class AdaptationFailed:
+    """Selection or training failed; the base model answers, and the response says so."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class AdaptationSkipped:
+    """No selection runs for this request (adaptation off, or nothing to train and no context to fill)."""
+
+    stop_reason: StopReason
+
+
+@dataclass(frozen=True)
+class GenerationStarted:
+    """Adaptation is over (or was skipped); generation starts now."""
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A chunk of the answer; `generate_seconds` is the generation time so far (adapter loading excluded)."""
+
+    chunk: Chunk
+    generate_seconds: float
+
+
+Event = (
+    Selected
+    | ContextFilled
+    | TrainStep
+    | Trained
+    | AdaptationFailed
+    | AdaptationSkipped
+    | GenerationStarted
+    | Generated
+)

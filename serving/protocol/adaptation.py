@@ -1,0 +1,96 @@
+"""The `adaptation` extension: the request object, the report in every response, and the progress events
+of a stream."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from selection.rules import Method
+from selection.stopping import MIN_LAMBDA, StopReason
+from serving.config import ContextMode
+from serving.protocol.base import _Strict
+
+
+class AdaptationOptions(_Strict):
+    """Per-request control of test-time training, sent as `extra_body={"adaptation": {...}}`.
+
+    Every field falls back to the server's configuration; values above the server's limits are refused.
+    """
+
+    enabled: bool | None = None
+    max_steps: int | None = Field(None, ge=0)
+    min_gain: float | None = Field(
+        None, ge=0, description="stop once a step removes less than this share of uncertainty per 1,000 tokens"
+    )
+    alpha: float | None = Field(None, gt=0, description="the paper's rule: stop once sigma_n > 1/(alpha n)")
+    lambda_: float | None = Field(None, ge=MIN_LAMBDA, alias="lambda")
+    candidates: int | None = Field(None, ge=1)
+    learning_rate: float | None = Field(None, gt=0, le=1)
+    max_train_tokens: int | None = Field(None, ge=2)
+    time_budget_s: float | None = Field(None, gt=0)
+    method: Method | None = None
+    context: ContextMode | None = Field(
+        None, description="prepend: the selected documents also go before the prompt (max_steps 0: only there)"
+    )
+    context_tokens: int | None = Field(None, ge=1, description="most prompt tokens the prepended documents add")
+    progress: bool = Field(False, description="stream `selected` and per-step events before the first token")
+
+
+class DocumentRef(BaseModel):
+    """A corpus document, as responses and events name it (immutable)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    source: str
+
+
+class StageTimings(BaseModel):
+    """Seconds spent in each stage of the request."""
+
+    queue: float = 0.0
+    select: float = 0.0
+    train: float = 0.0
+    load_adapter: float = 0.0
+    generate: float = 0.0
+
+
+class AdaptationReport(BaseModel):
+    """What test-time training did for this response (top-level `adaptation` object)."""
+
+    enabled: bool = False
+    documents: list[DocumentRef] = Field(default_factory=list)
+    sigma2: list[float] = Field(default_factory=list)
+    steps: int = 0
+    train_tokens: int = Field(0, description="tokens trained on, summed over the steps (to bill and cap training)")
+    stop_reason: StopReason = StopReason.DISABLED
+    adapter: bool = False
+    losses: list[float] = Field(default_factory=list)
+    context: list[DocumentRef] = Field(
+        default_factory=list, description="documents placed before the prompt (context: prepend), in order"
+    )
+    context_tokens: int = Field(0, description="prompt tokens the prepended documents added")
+    timings: StageTimings = Field(default_factory=StageTimings)
+    error: str | None = None
+
+
+class SelectedEvent(BaseModel):
+    """Progress event: the documents selection picked, before training starts."""
+
+    stage: Literal["selected"] = "selected"
+    documents: list[DocumentRef]
+    sigma2: list[float]
+    stop_reason: StopReason
+
+
+class TrainingEvent(BaseModel):
+    """Progress event: one training step is done."""
+
+    stage: Literal["training"] = "training"
+    step: int
+    loss: float
+
+
+ProgressEvent = Annotated[SelectedEvent | TrainingEvent, Field(discriminator="stage")]
