@@ -83,12 +83,6 @@ class TransformersGenerator:
         return None  # in-process: if the model is gone, so is the replica
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[Chunk]:
-        request_id, prompt_ids, sampling, adapter = (
-            request.request_id,
-            list(request.prompt_ids),
-            request.sampling,
-            request.adapter,
-        )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
@@ -98,13 +92,13 @@ class TransformersGenerator:
 
         def work() -> None:
             try:
-                self._run(prompt_ids, sampling, adapter, stop, emit)
+                self._run(list(request.prompt_ids), request.sampling, request.adapter, stop, emit)
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 emit(exc)
             finally:
                 emit(None)
 
-        thread = threading.Thread(target=work, name=f"generate-{request_id}", daemon=True)
+        thread = threading.Thread(target=work, name=f"generate-{request.request_id}", daemon=True)
         thread.start()
         try:
             while (item := await queue.get()) is not None:

@@ -116,12 +116,6 @@ class VLLMGenerator:
         await self.engine.check_health()
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[Chunk]:
-        request_id, prompt_ids, sampling, adapter = (
-            request.request_id,
-            list(request.prompt_ids),
-            request.sampling,
-            request.adapter,
-        )
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
@@ -129,13 +123,14 @@ class VLLMGenerator:
 
         lora, files, load_s = None, None, 0.0
         try:
-            if adapter is not None:
+            if request.adapter is not None:
                 started = time.monotonic()
-                files = adapter.write(self.adapter_root)
+                files = request.adapter.write(self.adapter_root)
                 lora = LoRARequest(files.name, next(self._lora_ids), str(files.path))
                 await self.engine.add_lora(lora)
                 load_s = time.monotonic() - started
             # `Sampling` speaks SamplingParams' vocabulary, field for field.
+            sampling = request.sampling
             fields = {
                 **asdict(sampling),
                 "max_tokens": max(1, sampling.max_tokens),
@@ -144,7 +139,7 @@ class VLLMGenerator:
             params = SamplingParams(**fields, output_kind=RequestOutputKind.DELTA)
             first = True
             stream = self.engine.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=lora
+                TokensPrompt(prompt_token_ids=list(request.prompt_ids)), params, request.request_id, lora_request=lora
             )
             async for out in stream:
                 for o in out.outputs:
@@ -158,7 +153,7 @@ class VLLMGenerator:
                         if sampling.prompt_logprobs is not None and out.prompt_logprobs is not None:
                             chunk.prompt_logprobs = [
                                 None if e is None else _logprob_dict(e, t)
-                                for e, t in zip(out.prompt_logprobs, prompt_ids, strict=False)
+                                for e, t in zip(out.prompt_logprobs, request.prompt_ids, strict=False)
                             ]
                         first = False
                     yield chunk
