@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from adapters.config import TrainerConfig
-from adapters.trainer import Trainer, TrainRequest
+from adapters.trainer import Trainer
 from selection import select_batch
-from tests.conftest import STDLIB, greedy_hf, greedy_vllm, tiny_llama_dir
+from tests.conftest import STDLIB, adapter_loss, greedy_hf, greedy_vllm, tiny_llama_dir, train_request
 
 DEVICE = os.environ.get("SIFT_SERVE_GPU_TEST_DEVICE", "cuda")
 TOKENIZER = os.environ.get("SIFT_SERVE_GPU_TEST_TOKENIZER")
@@ -91,13 +91,12 @@ def test_faiss_search_on_the_gpu_returns_what_the_cpu_returns():
 
 def test_the_trainer_in_bf16_lowers_the_loss(tmp_path):
     model = tiny_llama_dir(tmp_path / "tiny", tokenizer_dir=TOKENIZER and Path(TOKENIZER))
-    config = TrainerConfig(device=DEVICE, dtype="bfloat16", learning_rate=1e-2, max_steps=8, max_train_tokens=64)
-    trainer = Trainer(model, config)
-    assert next(trainer.model.parameters()).dtype == torch.bfloat16
-    before = trainer.loss(TEXT, max_tokens=64)
-    result = trainer.train(TrainRequest(documents=[TEXT] * 8))
+    trainer = Trainer(model, TrainerConfig(device=DEVICE, dtype="bfloat16"))
+    assert next(trainer.step.model.parameters()).dtype == torch.bfloat16
+    before = adapter_loss(model, TEXT, max_tokens=64)
+    result = trainer.train(train_request([TEXT] * 8, learning_rate=1e-2, max_steps=8, max_train_tokens=64))
     assert result.steps == 8 and result.adapter is not None
-    after = trainer.loss(TEXT, result.adapter, max_tokens=64)
+    after = adapter_loss(model, TEXT, result.adapter, max_tokens=64)
     assert after < before - 0.1, (before, after)
 
 
@@ -109,11 +108,8 @@ def test_a_bf16_adapter_loads_in_vllm_with_the_greedy_output_of_peft(default_mod
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
-    trainer = Trainer(
-        default_model_dir,
-        TrainerConfig(device=DEVICE, dtype="bfloat16", learning_rate=2e-3, max_train_tokens=128),
-    )
-    result = trainer.train(TrainRequest(documents=[TEXT] * 4))
+    trainer = Trainer(default_model_dir, TrainerConfig(device=DEVICE, dtype="bfloat16"))
+    result = trainer.train(train_request([TEXT] * 4, learning_rate=2e-3, max_train_tokens=128))
     del trainer
     with result.adapter.write(tmp_path) as files:
         hf_base = greedy_hf(default_model_dir, PROMPT, device=DEVICE)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
-import time
 
 import pytest
 import torch
@@ -14,12 +14,15 @@ from transformers import AutoModelForCausalLM
 
 from adapters.config import TrainerConfig
 from adapters.handle import AdapterBlob, cleanup_stale
-from adapters.trainer import Trainer, TrainerBusyError, TrainRequest
+from adapters.spec import TrainRequest
+from adapters.trainer import Trainer, TrainerBusyError, TrainTicket
 from selection.stopping import StopReason
-from tests.conftest import STDLIB, tiny_llama_dir
+from tests.conftest import STDLIB, adapter_loss, tiny_llama_dir, train_request
 
 TEXT = (STDLIB / "bisect.py").read_text()[:1500]
 OTHER = (STDLIB / "fnmatch.py").read_text()[:1500]
+SPEC = dict(learning_rate=1e-2, max_steps=8, max_train_tokens=64)
+"""How the `trainer` fixture's requests train (unless a test says otherwise)."""
 
 
 @pytest.fixture(scope="module")
@@ -29,63 +32,76 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture()
 def trainer(tiny_dir):
-    return Trainer(tiny_dir, TrainerConfig(learning_rate=1e-2, max_steps=8, max_train_tokens=64))
+    return Trainer(tiny_dir, TrainerConfig())
 
 
 def base_snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" not in k}
+    return {k: v.clone() for k, v in trainer.step.model.state_dict().items() if "lora_" not in k}
 
 
-def cancel_after(steps: int) -> tuple[threading.Event, object]:
-    """A cancel flag and a progress callback that sets it once `steps` steps are done (a deterministic
+def submit_cancelled_after(trainer: Trainer, request: TrainRequest, steps: int) -> TrainTicket:
+    """Submit `request` with a progress callback that cancels it once `steps` steps are done (a deterministic
     disconnect between two steps)."""
-    cancel = threading.Event()
+    tickets: list[TrainTicket] = []
+    submitted = threading.Event()
 
     def progress(done) -> None:
         if done.step >= steps:
-            cancel.set()
+            submitted.wait(30)
+            tickets[0].cancel()
 
-    return cancel, progress
+    tickets.append(trainer.submit(request, progress))
+    submitted.set()
+    return tickets[0]
 
 
-def test_training_lowers_the_loss_on_the_document(trainer):
-    before = trainer.loss(TEXT)
-    result = trainer.train(TrainRequest(documents=[TEXT] * 5))
+def test_training_lowers_the_loss_on_the_document(trainer, tiny_dir):
+    before = adapter_loss(tiny_dir, TEXT, max_tokens=64)
+    result = trainer.train(train_request([TEXT] * 5, **SPEC))
     assert result.steps == 5 and result.stop_reason == "max_steps" and result.adapter is not None
-    assert trainer.loss(TEXT, result.adapter) < before - 0.05
+    assert adapter_loss(tiny_dir, TEXT, result.adapter, max_tokens=64) < before - 0.05
     assert result.losses[-1] < result.losses[0]
     assert result.tokens == 5 * 64 and result.train_seconds > 0 and result.export_seconds > 0
 
 
 def test_saved_adapter_reproduces_the_in_memory_model(trainer, tiny_dir, tmp_path):
-    result = trainer.train(TrainRequest(documents=[TEXT, OTHER, TEXT]))
+    request = train_request([TEXT, OTHER, TEXT], **SPEC)
+    ids = trainer.step.tokenizer(OTHER[:200], return_tensors="pt").input_ids
+    in_memory: list[torch.Tensor] = []
+
+    def score_after_the_last_step(done) -> None:  # the slot as trained, before it is exported
+        if done.step == 3:
+            with trainer.step.use(trainer.slot(request)) as model:
+                in_memory.append(model(ids).logits)
+
+    result = trainer.train(request, progress=score_after_the_last_step)
+    assert result.steps == 3 and len(in_memory) == 1
     handle = result.adapter.write(tmp_path)
     files = sorted(p.name for p in handle.path.iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), handle.path).eval()
     assert loaded.peft_config["default"].base_model_name_or_path == str(tiny_dir)
-    ids = trainer.tokenizer(OTHER[:200], return_tensors="pt").input_ids
-    with torch.no_grad(), trainer.adapted(result.adapter) as model:
-        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, in_memory[0], atol=1e-5)
     handle.release()
     assert not handle.path.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_base_weights_stay_bit_identical(trainer):
     before = base_snapshot(trainer)
-    for request in (TrainRequest(documents=[TEXT] * 3), TrainRequest(documents=[OTHER], learning_rate=0.5)):
+    for request in (train_request([TEXT] * 3, **SPEC), train_request([OTHER], **{**SPEC, "learning_rate": 0.5})):
         trainer.train(request)
-    trainer.train(TrainRequest(documents=[TEXT] * 3), *cancel_after(2))
+    submit_cancelled_after(trainer, train_request([TEXT] * 3, **SPEC), 2).future.result()
     after = base_snapshot(trainer)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_requests_never_see_each_others_adapter_or_optimizer(trainer, tiny_dir):
-    trainer.train(TrainRequest(documents=[OTHER] * 4, learning_rate=0.05))
-    second = trainer.train(TrainRequest(documents=[TEXT] * 2))
+    trainer.train(train_request([OTHER] * 4, **{**SPEC, "learning_rate": 0.05}))
+    second = trainer.train(train_request([TEXT] * 2, **SPEC))
     fresh = Trainer(tiny_dir, trainer.config)
-    alone = fresh.train(TrainRequest(documents=[TEXT] * 2))
+    alone = fresh.train(train_request([TEXT] * 2, **SPEC))
     a, b = second.adapter.tensors(), alone.adapter.tensors()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert second.losses == alone.losses
@@ -93,25 +109,41 @@ def test_requests_never_see_each_others_adapter_or_optimizer(trainer, tiny_dir):
 
 def test_stopping_rules(trainer):
     docs = [TEXT, OTHER, TEXT, OTHER, TEXT]
-    capped = trainer.train(TrainRequest(documents=docs, max_steps=2))
+    capped = trainer.train(train_request(docs, **{**SPEC, "max_steps": 2}))
     assert (capped.steps, capped.stop_reason) == (2, "max_steps")
     # Every document trained on: the reason is why selection ended the list (here, adaptive SIFT).
-    adaptive = trainer.train(TrainRequest(documents=docs[:2], documents_end=StopReason.ALPHA))
+    adaptive = trainer.train(train_request(docs[:2], StopReason.ALPHA, **SPEC))
     assert (adaptive.steps, adaptive.stop_reason) == (2, "alpha")
-    budget = trainer.train(TrainRequest(documents=docs * 4, time_budget_s=1e-6))
+    budget = trainer.train(train_request(docs * 4, **{**SPEC, "time_budget_s": 1e-6}))
     assert (budget.steps, budget.stop_reason) == (1, "time_budget")
-    zero = trainer.train(TrainRequest(documents=docs, max_steps=0))
+    zero = trainer.train(train_request(docs, **{**SPEC, "max_steps": 0}))
     assert (zero.steps, zero.stop_reason, zero.adapter) == (0, "max_steps", None)
-    empty = trainer.train(TrainRequest(documents=[]))
+    empty = trainer.train(train_request([], **SPEC))
     assert (empty.steps, empty.adapter) == (0, None)
 
 
-def test_cancellation_stops_within_a_step_and_leaves_nothing(trainer):
-    result = trainer.train(TrainRequest(documents=[TEXT] * 6), *cancel_after(2))
+def test_cancellation_stops_within_a_step_and_leaves_nothing(trainer, tiny_dir):
+    result = submit_cancelled_after(trainer, train_request([TEXT] * 6, **SPEC), 2).future.result()
     assert (result.steps, result.stop_reason, result.adapter) == (2, "cancelled", None)
-    before = threading.Event()
-    before.set()
-    assert trainer.train(TrainRequest(documents=[TEXT]), cancel=before).steps == 0
+    # Cancelled before it starts: it waits while the only slot is busy.
+    one_slot = Trainer(tiny_dir, trainer.config.model_copy(update={"max_batch": 1}))
+    running, release = threading.Event(), threading.Event()
+
+    def hold_the_slot(done) -> None:
+        running.set()
+        release.wait(30)
+
+    holder = one_slot.submit(train_request([TEXT] * 2, **SPEC), hold_the_slot)
+    try:
+        assert running.wait(30)
+        waiting = one_slot.submit(train_request([TEXT], **SPEC))
+        waiting.cancel()
+        assert waiting.future.done()
+        early = waiting.future.result()
+        assert (early.steps, early.stop_reason, early.adapter) == (0, "cancelled", None)
+    finally:
+        release.set()
+    assert holder.future.result().steps == 2
 
 
 def test_a_failed_export_fails_its_request_and_the_trainer_goes_on(trainer, monkeypatch):
@@ -122,13 +154,13 @@ def test_a_failed_export_fails_its_request_and_the_trainer_goes_on(trainer, monk
 
     monkeypatch.setattr(module, "save", broken)
     with pytest.raises(OSError, match="out of memory"):
-        trainer.train(TrainRequest(documents=[TEXT]))
+        trainer.train(train_request([TEXT], **SPEC))
     monkeypatch.undo()
-    assert trainer.train(TrainRequest(documents=[TEXT])).adapter is not None
+    assert trainer.train(train_request([TEXT], **SPEC)).adapter is not None
 
 
 def test_adapter_files_on_a_shared_root_stay_per_host(trainer, tmp_path):
-    blob = trainer.train(TrainRequest(documents=[TEXT])).adapter
+    blob = trainer.train(train_request([TEXT], **SPEC)).adapter
     with blob.write(tmp_path) as handle:
         host, pid, _ = handle.name.split("__")
         assert host == socket.gethostname().replace("_", "-") and int(pid) == os.getpid()
@@ -140,11 +172,11 @@ def test_adapter_files_on_a_shared_root_stay_per_host(trainer, tmp_path):
 
 
 def test_requests_queue_for_a_slot_and_report_their_wait(tiny_dir):
-    trainer = Trainer(tiny_dir, TrainerConfig(max_batch=1, max_steps=8))
+    trainer = Trainer(tiny_dir, TrainerConfig(max_batch=1))
     results, first_started = {}, threading.Event()
 
     def run(name: str, progress=None) -> None:
-        results[name] = trainer.train(TrainRequest(documents=[TEXT] * 3), progress=progress)
+        results[name] = trainer.train(train_request([TEXT] * 3, max_steps=8), progress=progress)
 
     first = threading.Thread(target=run, args=("first", lambda step: first_started.set()))
     first.start()
@@ -156,21 +188,19 @@ def test_requests_queue_for_a_slot_and_report_their_wait(tiny_dir):
 
 
 def test_a_full_queue_is_refused(tiny_dir):
-    trainer = Trainer(tiny_dir, TrainerConfig(max_batch=1, max_waiting=1, max_steps=1000))
-    running, stop = threading.Event(), threading.Event()
-    long = TrainRequest(documents=[TEXT] * 1000, time_budget_s=None)
-    holder = threading.Thread(target=lambda: trainer.train(long, stop, lambda step: running.set()))
-    holder.start()
+    trainer = Trainer(tiny_dir, TrainerConfig(max_batch=1, max_waiting=1))
+    running = threading.Event()
+    long = train_request([TEXT] * 1000, max_steps=1000, time_budget_s=None)
+    holder = trainer.submit(long, lambda step: running.set())
     running.wait(30)
-    waiter = threading.Thread(target=lambda: trainer.train(TrainRequest(documents=[TEXT]), stop))
-    waiter.start()
-    while len(trainer._waiting) == 0:
-        time.sleep(0.001)
+    waiter = trainer.submit(train_request([TEXT], max_steps=1000))
+    assert len(trainer._waiting) == 1
     with pytest.raises(TrainerBusyError):
-        trainer.train(TrainRequest(documents=[TEXT]))
-    stop.set()
-    holder.join()
-    waiter.join()
+        trainer.train(train_request([TEXT], max_steps=1000))
+    waiter.cancel()
+    holder.cancel()
+    waiter.future.result()
+    holder.future.result()
     assert len(trainer._waiting) == 0 and trainer._free == [0]
 
 
@@ -187,14 +217,15 @@ def test_stale_directories_of_dead_processes_are_removed(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs,message",
+    "documents,spec,message",
     [
-        ({"documents": "one string"}, "sequence of strings"),
-        ({"documents": ["a"], "learning_rate": -1.0}, "learning_rate"),
-        ({"documents": ["a"], "max_steps": -1}, "max_steps"),
-        ({"documents": ["a"], "max_train_tokens": 1}, "max_train_tokens"),
+        ("one string", {}, "sequence of strings"),
+        (["a"], {"learning_rate": -1.0}, "learning_rate"),
+        (["a"], {"max_steps": -1}, "max_steps"),
+        (["a"], {"max_train_tokens": 1}, "max_train_tokens"),
     ],
 )
-def test_bad_requests_are_clear_errors(kwargs, message):
+def test_bad_requests_are_clear_errors(documents, spec, message):
+    default = train_request([]).spec
     with pytest.raises(ValueError, match=message):
-        TrainRequest(**kwargs)
+        TrainRequest(documents, dataclasses.replace(default, **spec))

@@ -8,37 +8,35 @@ import threading
 import pytest
 
 from adapters.config import TrainerConfig
-from adapters.trainer import Trainer, TrainRequest
-from tests.conftest import STDLIB, greedy_hf, greedy_vllm
+from adapters.trainer import Trainer
+from tests.conftest import STDLIB, adapter_loss, greedy_hf, greedy_vllm, train_request
 
 pytestmark = pytest.mark.slow
 
 TEXT = (STDLIB / "this.py").read_text()  # the Zen of Python, ROT13-encoded: text the model cannot know
 PROMPT = TEXT[:60]
 OTHER = (STDLIB / "csv.py").read_text()
+SPEC = dict(learning_rate=2e-3, max_train_tokens=128)
 
 
 @pytest.fixture(scope="module")
 def trained(default_model_dir, tmp_path_factory):
     """The Zen's adapter, trained in one batch with a batch-mate on another text."""
-    trainer = Trainer(
-        default_model_dir,
-        TrainerConfig(learning_rate=2e-3, max_train_tokens=128),
-    )
-    before = trainer.loss(TEXT, max_tokens=128)
+    trainer = Trainer(default_model_dir, TrainerConfig())
+    before = adapter_loss(default_model_dir, TEXT, max_tokens=128)
     mate: dict = {}
-    other = threading.Thread(target=lambda: mate.update(r=trainer.train(TrainRequest(documents=[OTHER] * 3, seed=9))))
+    other = threading.Thread(target=lambda: mate.update(r=trainer.train(train_request([OTHER] * 3, seed=9, **SPEC))))
     other.start()
-    result = trainer.train(TrainRequest(documents=[TEXT] * 4))
+    result = trainer.train(train_request([TEXT] * 4, **SPEC))
     other.join()
     with result.adapter.write(tmp_path_factory.mktemp("adapters")) as files:
         yield trainer, result, before, files
 
 
-def test_a_few_steps_lower_the_loss_of_real_text(trained):
-    trainer, result, before, _ = trained
+def test_a_few_steps_lower_the_loss_of_real_text(trained, default_model_dir):
+    _, result, before, _ = trained
     assert result.steps == 4
-    after = trainer.loss(TEXT, result.adapter, max_tokens=128)
+    after = adapter_loss(default_model_dir, TEXT, result.adapter, max_tokens=128)
     assert after < before - 0.5, (before, after)
 
 

@@ -20,10 +20,10 @@ def served(tmp_path_factory, small_index):
     with running_tiny_app(
         tmp_path_factory,
         small_index.directory,
-        selection={"candidates": 20, "min_gain": 0},
-        trainer={"max_steps": 3, "max_train_tokens": 32, "max_batch": 2},
+        adaptation={"candidates": 20, "min_gain": 0, "max_steps": 3, "max_train_tokens": 32},
+        trainer={"max_batch": 2},
         generator={"default_max_tokens": 4},
-        server={"trainer": {"num_cpus": 0.25, "replicas": 2}},
+        deploy={"trainer": {"num_cpus": 0.25, "replicas": 2}},
     ) as app:
         yield app.url
 
