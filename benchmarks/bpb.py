@@ -1,4 +1,4 @@
-"""Bits per byte of a text under a causal LM (DESIGN.md section 8), the quality benchmark's metric.
+"""Bits per byte of a text under a causal LM, the quality benchmark's metric.
 
 Every token is predicted exactly once, over disjoint rolling windows of at most `max_length` predicted
 tokens with maximal context (the convention of lm-evaluation-harness's `loglikelihood_rolling`, checked

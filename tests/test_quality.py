@@ -10,17 +10,15 @@ import math
 
 import pytest
 
-from benchmarks.quality import (
-    Config,
-    adaptive_steps,
-    at,
-    load_prompts,
-    markdown,
-    plots,
-    run_protocol,
-    summarise,
-)
+from benchmarks.quality.config import Config
+from benchmarks.quality.plots import plots
+from benchmarks.quality.prompts import load_prompts
+from benchmarks.quality.protocol import run_protocol
+from benchmarks.quality.records import Label, Results, Run, Score
+from benchmarks.quality.report import markdown
+from benchmarks.quality.statistics import adaptive_steps, summarise
 from benchmarks.stats import paired, spearman
+from selection.rules import Method
 from selection.selector import SelectOptions, Selector
 from tests.conftest import SMALL_CORPUS_FILES, STDLIB, tiny_llama_dir
 
@@ -69,29 +67,30 @@ def test_protocol_runs_every_phase_and_summarises(tmp_path_factory, corpus, smal
     index_dir = tmp_path_factory.mktemp("idx-copy") / "index"
     index_dir.symlink_to(small_index.directory, target_is_directory=True)
     args = argparse.Namespace(model=str(tiny), index=index_dir, corpus=corpus, device="cpu")
-    results = {phase: {} for phase in ("sweep", "calibration_runs", "reported", "duplicates", "seeds")}
-    results["config"] = {}
+    results = Results()
     run_protocol(results, CONFIG, args, save=lambda: None)
+    assert Results.model_validate_json(results.model_dump_json()) == results  # the file round-trips
 
-    assert results["contamination"]["shared_13grams"] == 0 and results["contamination"]["prompts"] == 3
-    assert set(results["learning_rates"]) == {"sift", "nn"}
-    assert results["calibration"]["min_gain"] in CONFIG.min_gain_grid and results["calibration"]["n"] == 2
-    check = results["prefix_check"]
+    assert results.contamination["shared_13grams"] == 0 and results.contamination["prompts"] == 3
+    assert set(results.learning_rates) == {"sift", "nn"}
+    assert results.calibration["min_gain"] in CONFIG.min_gain_grid and results.calibration["n"] == 2
+    check = results.prefix_check
     assert check["abs_diff"] < 1e-5 and check.get("same_picks", True)  # training is deterministic per prefix
-    for entry in results["reported"].values():
-        assert set(entry["sift"]["curve"]) == {str(s) for s in range(CONFIG.max_steps + 1)}
-        assert entry["adaptive"]["final"] == entry["sift"]["curve"][str(entry["adaptive"]["steps"])]
-        assert "doc_bpb" in entry["sift"]["final"] and len(entry["sift"]["sigma2"]) == CONFIG.max_steps + 1
-    for entry in results["reported"].values():
-        for label in ("icl_nn", "icl_sift", "sift_icl"):
-            final = entry[label]["final"]
-            assert 0 < final["context_tokens"] <= 300 and final["context_documents"] >= 1
-            assert final["bytes"] == entry["base"]["final"]["bytes"]  # the same bytes are scored
-        assert entry["sift_icl"]["steps"] == CONFIG.max_steps and entry["sift_icl"]["train_seconds"] > 0
-    for entry in results["duplicates"].values():
+    for entry in results.reported.values():
+        sift, adaptive = entry[Method.SIFT], entry[Label.ADAPTIVE]
+        assert set(sift.curve) == {str(s) for s in range(CONFIG.max_steps + 1)}
+        assert adaptive.final == sift.curve[str(adaptive.steps)]
+        assert sift.final.doc_bpb is not None and len(sift.sigma2) == CONFIG.max_steps + 1
+    for entry in results.reported.values():
+        for label in (Label.ICL_NN, Label.ICL_SIFT, Label.SIFT_ICL):
+            final = entry[label].final
+            assert 0 < final.context_tokens <= 300 and final.context_documents >= 1
+            assert final.bytes == entry[Label.BASE].final.bytes  # the same bytes are scored
+        assert entry[Label.SIFT_ICL].steps == CONFIG.max_steps and entry[Label.SIFT_ICL].train_seconds > 0
+    for entry in results.duplicates.values():
         # a third of the chunks three times: NN repeats texts, NN-F never does
-        assert entry["nn_f"]["distinct_texts"] == len(entry["nn_f"]["documents"])
-        assert entry["nn"]["distinct_texts"] <= entry["nn_f"]["distinct_texts"]
+        assert entry[Method.NN_F].distinct_texts == len(entry[Method.NN_F].documents)
+        assert entry[Method.NN].distinct_texts <= entry[Method.NN_F].distinct_texts
 
     summary = summarise(results, CONFIG)
     assert summary["n_prompts"] == 3 and set(summary["per_domain"]) == {"code", "docs"}
@@ -153,8 +152,9 @@ def test_adaptive_steps_match_the_product_rule(small_index, minilm, min_gain):
 
 
 def test_interpolated_steps_mix_the_neighbouring_counts():
-    run = {"curve": {"0": {"bpb": 1.0}, "1": {"bpb": 0.8}, "2": {"bpb": 0.7}}}
-    assert at(run, 1) == 0.8 and at(run, 1.25) == pytest.approx(0.775)
+    curve = {str(n): Score(bpb=bpb, bits=bpb, bytes=1) for n, bpb in enumerate((1.0, 0.8, 0.7))}
+    run = Run(steps=2, curve=curve, final=curve["2"])
+    assert run.at(1) == 0.8 and run.at(1.25) == pytest.approx(0.775)
 
 
 def test_paired_statistics():
