@@ -34,8 +34,9 @@ computed as 1 - 1/(1 + lambda'), whose rounding error (~6e-8) must stay small ag
 
 
 DEFAULT_MIN_GAIN = 0.05
-"""The default `min_gain`: calibrated by the quality benchmark (`benchmarks.quality`) on dev prompts (never the reported ones)
-as the largest threshold that keeps 90% of the gain of training every step; README, Quality."""
+"""The default `min_gain`: calibrated by the quality benchmark (`benchmarks.quality`) on dev prompts (never
+the reported ones) as the largest threshold that keeps 90% of the gain of training every step; README,
+Quality."""
 
 
 class StopReason(StrEnum):
