@@ -1,7 +1,8 @@
 """What crosses the trainer's boundary: a request to train (`TrainRequest` with its resolved `TrainSpec`),
 the progress it reports (`TrainStep`) and what it hands back (`TrainResult`).
 
-Torch-free, so the serving layer and Ray's serialisation use these without loading a model. A `TrainSpec`
+Plain dataclasses (no tensors, no model), so the serving layer and Ray's serialisation use them without
+loading a model. A `TrainSpec`
 is fully resolved: every number is the one the trainer uses; defaults and the server's limits were applied
 once, by whoever built it (the server's `resolve`).
 """

@@ -11,8 +11,9 @@ Per request: one step per picked document in pick order (a repeated pick is anot
 loss on the document truncated to `spec.max_train_tokens`. Which documents, and so the adaptive stopping
 rule, is selection's decision; the trainer stops early only for `spec.max_steps`, the time budget,
 cancellation, or divergence (a non-finite loss or weights: the adapter is discarded, never exported). A
-step that raises is retried in halves of its batch, so only the request that causes it fails; an error
-outside a step fails the requests it touched and the loop goes on.
+forward or backward that raises is retried in halves of its batch, so only the request that causes it
+fails (an optimizer step that raises fails its whole batch); an error outside a step fails the requests it
+touched and the loop goes on.
 """
 
 from __future__ import annotations

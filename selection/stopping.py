@@ -5,7 +5,7 @@ the prompt's prior uncertainty that the pick removes,
 
     g_n = (sigma^2_{n-1}(x*) - sigma^2_n(x*)) / sigma^2_0(x*),
 
-and the step costs its training tokens t. Stop before step n as soon as
+and a step is priced at t = `max_train_tokens`, the most it trains on. Stop before step n as soon as
 
     g_n < min_gain * t / 1000,
 
@@ -29,8 +29,9 @@ from enum import StrEnum
 import torch
 
 MIN_LAMBDA = 1e-4
-"""Smallest lambda' accepted. The kernel state is float32: after picking x, k_1(x, x) is about lambda',
-computed as 1 - 1/(1 + lambda'), whose rounding error (~6e-8) must stay small against lambda'."""
+"""Smallest lambda' accepted. The server's kernel state is float32 (Faiss vectors): after picking x,
+k_1(x, x) is about lambda', computed as 1 - 1/(1 + lambda'), whose rounding error (~6e-8) must stay small
+against lambda'."""
 
 
 DEFAULT_MIN_GAIN = 0.05

@@ -221,7 +221,12 @@ class ServerConfig(Strict):
     metrics_public: bool = Field(False, description="serve /metrics without an API key")
     served_model_name: str | None = Field(None, description="model id clients send (default: model dir name)")
     limits: AdaptationLimits = Field(default_factory=AdaptationLimits)
-    retry_after_s: float = Field(1.0, ge=0, description="Retry-After of the 429 sent when the Ingress queue is full")
+    retry_after_s: float = Field(
+        1.0,
+        ge=0,
+        description="Retry-After of refusals: Serve's 429 when the Ingress queue is full, the "
+        "`overloaded` 429 and the `unavailable` 503",
+    )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (default: none)")
     heartbeat_s: float = Field(10.0, gt=0, le=10, description="SSE comment interval while a stream is silent")

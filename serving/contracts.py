@@ -1,10 +1,10 @@
 """The request-level contract: what one request asks of each service, and what comes back, fully resolved.
 
-Torch-free and Ray-free, so every layer and every process shares these types. `resolve` is the one place
-where a request's `adaptation` options meet the server's defaults (the `adaptation` section) and ceilings
-(`server.limits`): everything below the route receives the resolved `AdaptationSpec` (or the part of it
-that it needs: `SelectOptions` for selection, `TrainSpec` for training), never an optional that it would
-have to default itself.
+Plain data (no tensors, no model, no Ray), so every layer and every process shares these types. `resolve`
+is the one place where a request's `adaptation` options meet the server's defaults (the `adaptation`
+section) and ceilings (`server.limits`): everything below the route receives the resolved
+`AdaptationSpec` (or the part of it that it needs: `SelectOptions` for selection, `TrainSpec` for
+training), never an optional that it would have to default itself.
 """
 
 from __future__ import annotations

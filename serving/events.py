@@ -1,10 +1,15 @@
 """What happens to one request, in order: the immutable events the pipeline yields.
 
-    Selected -> [ContextFilled] -> TrainStep* -> Trained | AdaptationFailed -> GenerationStarted -> Generated*
+    no selection:    AdaptationSkipped -> GenerationStarted -> Generated*
+    selection:       Selected -> [ContextFilled] -> (TrainStep* -> Trained | AdaptationFailed
+                                                     | AdaptationSkipped (max_steps 0: context only)
+                                                     | nothing (no document picked))
+                     -> GenerationStarted -> Generated*
+    selection fails: AdaptationFailed -> GenerationStarted -> Generated*
 
-Selection or training may end in `AdaptationFailed` (the base model answers); a request without adaptation
-goes straight to `GenerationStarted`. The format layer folds these into the response and its `adaptation`
-report (`serving.report`); nothing downstream reads state the pipeline mutated.
+`AdaptationFailed` means the base model answers, and the report says why. The format layer folds these
+into the response and its `adaptation` report (`serving.report`); nothing downstream reads state the
+pipeline mutated.
 """
 
 from __future__ import annotations

@@ -246,16 +246,19 @@ def running_tiny_app(tmp_path_factory, index_dir: Path, **sections) -> Iterator[
 
 
 def train_request(documents, documents_end=None, request_id: str = "", **spec):
-    """A `TrainRequest` with the server's default `TrainSpec` (the `adaptation` section's defaults and
-    `trainer.seed`, as `resolve` gives them), `spec` overriding its fields."""
+    """A `TrainRequest` with the server's default `TrainSpec` (`resolve` on the default settings), `spec`
+    overriding its fields. The defaults are the models' own, whatever the environment sets (the GPU check
+    exports partial `SIFT_SERVE_DEPLOY__*` sections that only a config file completes)."""
     import dataclasses
 
+    from adapters.config import TrainerConfig
     from adapters.spec import TrainRequest
     from selection.stopping import StopReason
-    from serving.config import Settings
+    from serving.config import AdaptationConfig, ServerConfig, Settings
     from serving.contracts import resolve
 
-    default = resolve(None, Settings()).training
+    defaults = Settings.model_construct(adaptation=AdaptationConfig(), trainer=TrainerConfig(), server=ServerConfig())
+    default = resolve(None, defaults).training
     end = StopReason.MAX_STEPS if documents_end is None else documents_end
     return TrainRequest(tuple(documents), dataclasses.replace(default, **spec), end, request_id)
 
