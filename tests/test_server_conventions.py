@@ -110,7 +110,7 @@ async def test_stream_options_unknown_keys_are_ignored_and_continuous_usage(clie
     options = {"include_usage": True, "continuous_usage_stats": True, "include_obfuscation": False}
     with caplog.at_level(logging.WARNING, logger="serving.app"):
         stream = await client.chat.completions.create(
-            model=MODEL, messages=MESSAGES, max_tokens=3, stream=True, stream_options=options, extra_body=PLAIN
+            model=MODEL, messages=MESSAGES, max_tokens=3, seed=0, stream=True, stream_options=options, extra_body=PLAIN
         )
         chunks = [c async for c in stream]
     assert any("stream_options.include_obfuscation" in r.getMessage() for r in caplog.records)
