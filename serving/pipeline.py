@@ -192,6 +192,7 @@ class Pipeline:
             yield AdaptationFailed("training ended without a result; answered by the base model")
             return
         diverged = result.stop_reason is StopReason.DIVERGED
+        seconds = result.train_seconds + result.export_seconds
         yield Trained(
             steps=result.steps,
             losses=result.losses,
@@ -199,8 +200,8 @@ class Pipeline:
             stop_reason=result.stop_reason,
             adapter=result.adapter is not None,
             queue_seconds=result.queue_seconds,
-            train_seconds=result.train_seconds + result.export_seconds,
+            train_seconds=seconds,
             error="training diverged (a non-finite loss); answered by the base model" if diverged else None,
         )
-        self.metrics.stage("train", result.train_seconds + result.export_seconds)
+        self.metrics.stage("train", seconds)
         self.metrics.steps(result.steps)

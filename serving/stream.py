@@ -60,8 +60,8 @@ async def sse(
             continue
         fold.add(event)
         if isinstance(event, Selected) and progress:
-            report = fold.report()
-            selected = SelectedEvent(documents=report.documents, sigma2=report.sigma2, stop_reason=report.stop_reason)
+            documents, sigma2 = list(event.documents), list(event.sigma2)
+            selected = SelectedEvent(documents=documents, sigma2=sigma2, stop_reason=event.stop_reason)
             yield sse_data(fmt.chunk(adaptation=selected))
         elif isinstance(event, TrainStep) and progress:
             yield sse_data(fmt.chunk(adaptation=TrainingEvent(step=event.step, loss=event.loss)))
