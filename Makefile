@@ -7,7 +7,7 @@ VENV_STAMP := .venv/.installed
 EXTRA ?= cpu
 
 .PHONY: setup serve demo test bench quality
-CORPUS := $(HOME)/.cache/sift-serve/corpus-6mb
+CORPUS := $(HOME)/.cache/sift-serve/quality-corpus
 
 $(VENV_STAMP): pyproject.toml scripts/setup_venv.sh
 	EXTRA=$(EXTRA) bash scripts/setup_venv.sh
@@ -35,9 +35,12 @@ bench: setup
 	$(PY) -m benchmarks.trainer_speed
 	$(PY) -m benchmarks.latency
 
-# The quality benchmark's cpu configuration: a 6 MB cut of the corpus (whole families), its index, the run.
+# The quality benchmark's cpu configuration: the corpus (new-knowledge sources and a contrast cut, whole
+# families), its index at 128 and 256 tokens per chunk (the recipe search tries both), the run.
 quality: setup
-	$(PY) -m benchmarks.corpus.build --max-mb 6 --out $(CORPUS)
-	test -f $(CORPUS)/index/manifest.json || \
-		.venv/bin/sift-serve index build $(CORPUS)/train.jsonl --out $(CORPUS)/index --chunk-tokens 128
-	$(PY) -m benchmarks.quality --config cpu --corpus $(CORPUS) --index $(CORPUS)/index
+	$(PY) -m benchmarks.corpus.build --max-mb 15 --out $(CORPUS)
+	for tokens in 128 256; do \
+		test -f $(CORPUS)/index-$$tokens/manifest.json || .venv/bin/sift-serve index build $(CORPUS)/train.jsonl \
+			--out $(CORPUS)/index-$$tokens --chunk-tokens $$tokens || exit 1; \
+	done
+	$(PY) -m benchmarks.quality --config cpu --corpus $(CORPUS) --index $(CORPUS)/index-128 --index $(CORPUS)/index-256

@@ -58,13 +58,18 @@ class BatchedStep:
         self.model.requires_grad_(False)
         self.model.eval()
         targets = list(config.target_modules)
-        self.bank = LoRABank(self.model, targets, config.max_batch, config.rank, config.lora_alpha, config.lora_dropout)
+        layers = config.layers.layers(self.model.config.num_hidden_layers)
+        self.bank = LoRABank(
+            self.model, targets, config.max_batch, config.rank, config.lora_alpha, config.lora_dropout, layers
+        )
         self.optimizer = SlotAdamW(self.bank.lora_parameters(), eps=1e-8)
         lora = LoraConfig(
             r=config.rank,
             lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft keeps a float as given
             lora_dropout=config.lora_dropout,
             target_modules=targets,
+            layers_to_transform=layers,
+            layers_pattern="layers" if layers is not None else None,
             bias="none",
             task_type="CAUSAL_LM",
             base_model_name_or_path=str(self.model_dir),

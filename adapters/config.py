@@ -3,6 +3,7 @@ the training engine's. How long and how fast one request trains is per request (
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import Field
@@ -12,6 +13,18 @@ from infra.config import Strict
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+class LayerScope(StrEnum):
+    """Which decoder layers carry LoRA weights."""
+
+    ALL = "all"
+    UPPER_HALF = "upper_half"
+    """The upper half of the layers: the backward pass stops halfway down, so a step costs less."""
+
+    def layers(self, count: int) -> list[int] | None:
+        """The adapted layers' indices out of `count` (None: all of them)."""
+        return None if self is LayerScope.ALL else list(range(count // 2, count))
+
+
 class TrainerConfig(Strict):
     """The adapters the trainer fits (LoRA shape, optimizer) and where it runs."""
 
@@ -19,6 +32,7 @@ class TrainerConfig(Strict):
     lora_alpha: float = Field(32.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    layers: LayerScope = Field(LayerScope.ALL, description="all decoder layers, or the upper half (a cheaper step)")
     weight_decay: float = Field(0.0, ge=0)
     device: str = Field("cpu", description="cpu, cuda, cuda:0, ... or auto (CUDA when the replica sees a GPU)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

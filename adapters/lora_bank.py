@@ -5,7 +5,9 @@ Every adapted projection y = W x becomes
 
     y_i = W x_i + (alpha / r) * B_{s(i)} A_{s(i)} x_i
 
-for the i-th sequence of the batch, where s(i) is the slot of the request it belongs to. Each projection
+for the i-th sequence of the batch, where s(i) is the slot of the request it belongs to. With `layers`,
+only the projections of those decoder layers are adapted: below the lowest adapted layer nothing needs a
+gradient, so the backward pass stops there (the upper half of the layers costs about half a backward). Each projection
 holds the A (S, r, in) and B (S, out, r) of all S slots as two float32 parameters (PEFT's init: A
 Kaiming-uniform from the request's seed, B zero), gathers its rows' weights with one `index_select` each
 and applies them with two batched matmuls: no loop over requests inside a layer. Each projection's
@@ -22,10 +24,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+
+def layer_index(module_name: str) -> int | None:
+    """The decoder layer a module belongs to (`model.layers.12.self_attn.q_proj` -> 12), None outside one."""
+    found = re.search(r"\.layers\.(\d+)\.", f".{module_name}")
+    return int(found[1]) if found else None
 
 
 class _AdaptedLinear(nn.Module):
@@ -55,7 +64,14 @@ class LoRABank(nn.Module):
     """S adapter slots over the target projections of `model` (which it modifies in place)."""
 
     def __init__(
-        self, model: nn.Module, target_modules: list[str], slots: int, rank: int, alpha: float, dropout: float = 0.0
+        self,
+        model: nn.Module,
+        target_modules: list[str],
+        slots: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        layers: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.rank, self.scaling = rank, alpha / rank
@@ -64,7 +80,9 @@ class LoRABank(nn.Module):
         targets = [
             (name, module)
             for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
+            if isinstance(module, nn.Linear)
+            and name.rsplit(".", 1)[-1] in target_modules
+            and (layers is None or layer_index(name) in layers)
         ]
         if not targets:
             raise ValueError(f"no linear layer named any of {target_modules} in the model")

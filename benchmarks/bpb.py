@@ -51,10 +51,16 @@ def bits_per_byte(model: torch.nn.Module, tokenizer, text: str, max_length: int)
 
 
 @torch.no_grad()
-def continuation_bits(model: torch.nn.Module, context_ids: list[int], continuation_ids: list[int]) -> float:
-    """-log2 p(continuation | context), in bits (one forward pass; context + continuation must fit the model)."""
+def continuation_token_bits(model: torch.nn.Module, context_ids: list[int], continuation_ids: list[int]) -> list[float]:
+    """-log2 p(token | everything before it) for each continuation token (one forward pass; context +
+    continuation must fit the model)."""
     device = next(model.parameters()).device
     ids = torch.tensor([context_ids + continuation_ids], device=device)
     logits = model(input_ids=ids).logits[0, len(context_ids) - 1 : -1].float()
     targets = ids[0, len(context_ids) :]
-    return -float(torch.log_softmax(logits, -1).gather(1, targets[:, None]).sum()) / math.log(2)
+    return (-torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0] / math.log(2)).tolist()
+
+
+def continuation_bits(model: torch.nn.Module, context_ids: list[int], continuation_ids: list[int]) -> float:
+    """-log2 p(continuation | context), in bits."""
+    return sum(continuation_token_bits(model, context_ids, continuation_ids))

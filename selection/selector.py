@@ -18,7 +18,7 @@ from selection.index import CorpusIndex
 from selection.rules import Method
 from selection.select import select_batch
 from selection.shards import ShardedIndex
-from selection.stopping import StopReason, step_threshold
+from selection.stopping import StopReason, budget_steps, step_threshold
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class SelectOptions:
     """Stop once a step no longer removes this share of the prompt's uncertainty per 1,000 tokens."""
     step_tokens: int = 1000
     """Tokens one step trains on at most: the compute `min_gain` prices."""
+    gain_budget: float | None = None
+    """The gain-budget rule: of the `n` picks, keep the first n* while V log(1 + 1/n*) >= this, V being the
+    share of the prompt's uncertainty all `n` remove (`selection.stopping.budget_steps`)."""
     seed: int = 0
     """Drives the `random` rule."""
 
@@ -93,8 +96,9 @@ class Selector:
 
     def select(self, prompts: Sequence[str], options: SelectOptions) -> list[SelectionResult]:
         """Pick up to `options.n` documents for each prompt among its `options.candidates` nearest by |cos|;
-        stop early where a step no longer pays for itself (`options.min_gain`) or by the paper's `alpha`
-        rule (`selection.stopping`)."""
+        stop early where a step no longer pays for itself (`options.min_gain`), by the paper's `alpha`
+        rule, or where the prompt's predicted gain does not justify more steps (`options.gain_budget`;
+        `selection.stopping`). Each rule that is set may stop; the earliest stop wins."""
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError("every prompt must be a non-empty string")
         queries = self.embedder.embed(list(prompts))
@@ -123,7 +127,11 @@ class Selector:
         )
         results = []
         for b, sel in enumerate(selections):
-            picks = sel.indices.tolist()
+            picks, trace, reason = sel.indices.tolist(), sel.sigma2.tolist(), sel.stop_reason
+            if options.gain_budget is not None:
+                granted = budget_steps(trace, options.gain_budget, options.n)
+                if granted < len(picks):
+                    picks, trace, reason = picks[:granted], trace[: granted + 1], StopReason.GAIN_BUDGET
             chunks = self.index.chunks(row_sets[b][picks]) if picks else []
             sims = (cand_sets[b][picks] @ targets[b]).tolist() if picks else []
             documents = [
@@ -135,7 +143,7 @@ class Selector:
                     source=c.source,
                     title=c.title,
                     similarity=float(sims[i]),
-                    sigma2=float(sel.sigma2[i + 1]),
+                    sigma2=float(trace[i + 1]),
                     text=c.text,
                 )
                 for i, c in enumerate(chunks)
@@ -143,8 +151,8 @@ class Selector:
             results.append(
                 SelectionResult(
                     documents=documents,
-                    sigma2=sel.sigma2.tolist(),
-                    stop_reason=sel.stop_reason,
+                    sigma2=trace,
+                    stop_reason=reason,
                     method=options.method,
                     candidates=len(row_sets[b]),
                     repeats=sel.repeats,

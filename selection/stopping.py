@@ -1,4 +1,4 @@
-"""When adaptation stops: the one vocabulary of stop reasons, and the two early-stopping rules.
+"""When adaptation stops: the one vocabulary of stop reasons, and the three early-stopping rules.
 
 The predicted-gain rule (the default). Step n trains on pick x_n; SIFT predicts its gain as the share of
 the prompt's prior uncertainty that the pick removes,
@@ -19,11 +19,16 @@ sigma_n > 1 / (alpha * n), with sigma_n = sqrt(sigma^2_n(x*)).
 Both are applied inside the greedy selection loop (no selection work is spent past the stop; the pick
 that fails the rule is not returned), so the trainer trains on exactly what was selected.
 
+The gain-budget rule (`budget_steps`) grants each prompt steps in proportion to what its picks predict it
+can learn; it reads the variance trace of all `max_steps` picks and keeps a prefix of them.
+
 `StopReason` runs from selection through training to the response's `adaptation.stop_reason`.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from enum import StrEnum
 
 import torch
@@ -51,6 +56,8 @@ class StopReason(StrEnum):
     """The next step's predicted gain no longer paid for its tokens (the default rule)."""
     ALPHA = "alpha"
     """The paper's rule: sigma_n > 1/(alpha n)."""
+    GAIN_BUDGET = "gain_budget"
+    """The gain-budget rule granted fewer steps than picks (`budget_steps`)."""
     EXHAUSTED = "exhausted"
     """No candidate was left to pick (fixed-order baselines over a short candidate list)."""
     TIME_BUDGET = "time_budget"
@@ -66,6 +73,34 @@ class StopReason(StrEnum):
 def stops_before(sigma_n: float | torch.Tensor, n: int, alpha: float) -> bool | torch.Tensor:
     """True (elementwise for tensors) where step n should not be taken."""
     return sigma_n > 1.0 / (alpha * n)
+
+
+def budget_steps(sigma2: Sequence[float], tau: float, max_steps: int) -> int:
+    """Steps granted by the gain-budget rule, from the variance trace of the first `max_steps` picks.
+
+    The rule predicts a prompt's realised gain from how much of its uncertainty the picks remove in all,
+    V = 1 - sigma^2_K / sigma^2_0 (K = `max_steps`, or fewer picks where fewer exist), and assumes every
+    prompt's gain grows like V log(1 + n) with the steps n: concave, and larger for prompts the picks
+    explain better. Step n's predicted gain is then V log(1 + 1/n); steps are granted while it is at least
+    `tau`:
+
+        n* = min(K, floor(1 / (exp(tau / V) - 1)))
+
+    Unlike the marginal rule (`min_gain`), which stops as soon as the next pick adds little *new*
+    information, and so stops soonest on the prompts whose first picks explain them best, this rule gives
+    the most steps to the prompts with the most to learn."""
+    if len(sigma2) < 2 or sigma2[0] <= 0:
+        return 0
+    k = min(max_steps, len(sigma2) - 1)
+    total = 1.0 - sigma2[k] / sigma2[0]
+    if total <= 0:
+        return 0
+    if tau <= 0:
+        return k
+    ratio = tau / total
+    if ratio > 50:  # exp overflows long before; no step is worth it
+        return 0
+    return min(k, math.floor(1.0 / math.expm1(ratio)))
 
 
 def step_threshold(min_gain: float, step_tokens: int) -> float:

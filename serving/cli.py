@@ -156,6 +156,9 @@ def select_cmd(
         float | None, typer.Option(help="stop once a pick removes less than this share of uncertainty per 1k tokens")
     ] = None,
     alpha: Annotated[float | None, typer.Option(help="the paper's stopping rule, sigma_n > 1/(alpha n)")] = None,
+    gain_budget: Annotated[
+        float | None, typer.Option(help="keep the first n picks while V log(1 + 1/n) >= this (the gain budget)")
+    ] = None,
     candidates: Annotated[int | None, typer.Option("-k", "--candidates", help="K retrieved by |cos|")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     config: ConfigOption = None,
@@ -176,6 +179,7 @@ def select_cmd(
         adaptation__lambda_=lambda_,
         adaptation__min_gain=min_gain,
         adaptation__alpha=alpha,
+        adaptation__gain_budget=gain_budget,
         adaptation__candidates=candidates,
     )
     directory = default_index_dir(settings.models) if index == "default" else Path(index)

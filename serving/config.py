@@ -144,6 +144,12 @@ class AdaptationConfig(Strict):
         description="stop training once a step no longer removes this share of the prompt's uncertainty "
         "per 1,000 tokens it trains on (SIFT's predicted gain; 0 trains every step up to max_steps)",
     )
+    gain_budget: float | None = Field(
+        None,
+        ge=0,
+        description="the gain-budget rule: of max_steps picks, train on the first n while V log(1 + 1/n) is at "
+        "least this, V being the share of the prompt's uncertainty all the picks remove (None: off)",
+    )
     max_steps: Annotated[int, Limited()] = Field(
         4, ge=0, le=1000, description="most optimizer steps: one per picked document"
     )

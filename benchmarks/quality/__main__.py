@@ -22,7 +22,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     parser.add_argument("--corpus", type=Path, default=default_cache_dir() / "corpus")
-    parser.add_argument("--index", type=Path, required=True, help="index over CORPUS/train.jsonl")
+    parser.add_argument(
+        "--index",
+        type=Path,
+        action="append",
+        required=True,
+        help="an index over CORPUS/train.jsonl; once per chunk size the recipe search tries (128 and 256 tokens)",
+    )
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))

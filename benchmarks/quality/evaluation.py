@@ -1,10 +1,11 @@
 """`Evaluator`: trains one condition's picks for one prompt with the project's `Trainer` and scores the
-adapter along the way, as bits per byte of the prompt's continuation.
+adapter along the way, as bits per byte of the prompt's continuation (all of it, and its content tokens).
 
 Scoring uses the trainer's own model: the base model (`trainer.step.use(None)`) or the request's adapter
 as trained so far (`trainer.step.use(trainer.slot(request))`, from the request's progress callback). With
 documents in the context, the prompt is rendered as the server renders a completion with in-context
-retrieval (`serving.context.completion_ids`, as many whole documents as fit `context_tokens`).
+retrieval (`serving.context.completion_ids`, as many whole documents as fit the budget). One `Trainer`
+per recipe (rank and adapted layers) is loaded when first needed; tokens per step are the index's chunks.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import time
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 
+from adapters.config import TrainerConfig
 from adapters.spec import TrainRequest, TrainSpec, TrainStep
 from adapters.trainer import Trainer
-from benchmarks.bpb import continuation_bits
-from benchmarks.quality.config import Config
+from benchmarks.bpb import continuation_token_bits
+from benchmarks.quality.config import Config, Recipe
 from benchmarks.quality.prompts import Prompt, order_key
 from benchmarks.quality.records import Run, Score
 from selection.rules import Method
@@ -25,24 +27,41 @@ from selection.selector import SelectOptions, Selector
 from serving.context import completion_ids, fit
 
 
+def content_mask(tokenizer, ids: Sequence[int]) -> list[bool]:
+    """Which tokens carry content: those whose text has a letter (not whitespace, punctuation, markup or
+    digits alone)."""
+    return [any(ch.isalpha() for ch in tokenizer.decode([i])) for i in ids]
+
+
 class Evaluator:
     """Trains one method's picks for one prompt and scores the adapter along the way."""
 
-    def __init__(self, trainer: Trainer, config: Config) -> None:
-        self.trainer, self.config = trainer, config
-        self.tokenizer = trainer.step.tokenizer
+    def __init__(self, model_dir, config: Config, device: str = "cpu") -> None:
+        self.model_dir, self.config, self.device = model_dir, config, device
+        self._trainers: dict[tuple[str, int], Trainer] = {}
         self.runs: dict[str, Run] = {}
-        """Runs by training key (prompt, picks, learning rate, seed), for reuse."""
+        """Runs by training key (prompt, picks, rate, seed, recipe), for reuse."""
+        self.tokenizer = self.trainer(Recipe()).step.tokenizer
+
+    def trainer(self, recipe: Recipe) -> Trainer:
+        """The trainer for `recipe`'s adapter shape (one loaded at a time: the model is freed in between)."""
+        key = (str(recipe.layers), recipe.rank)
+        if key not in self._trainers:
+            self._trainers.clear()
+            config = TrainerConfig(rank=recipe.rank, layers=recipe.layers, device=self.device, max_batch=1)
+            self._trainers[key] = Trainer(self.model_dir, config)
+        return self._trainers[key]
 
     def base_model(self) -> AbstractContextManager:
-        return self.trainer.step.use(None)
+        return next(iter(self._trainers.values())).step.use(None)
 
-    def score(self, prompt: Prompt, view, whole: bool = False, documents: Sequence[str] = ()) -> Score:
-        """Bits per byte of the continuation (and with `whole`, of the whole window) under `view`; with
-        `documents`, as many of them as fit `context_tokens` are placed before the prompt (the bytes scored
-        are the same). `seconds` is the scoring forward pass, `context_tokens` what the documents added."""
+    def score(self, prompt: Prompt, view, documents: Sequence[str] = (), budget: int = 0) -> Score:
+        """Bits per byte of the continuation under `view`, over all its bytes and over its content tokens'
+        bytes. With `documents`, as many of them as fit `budget` prompt tokens are placed before the prompt
+        (the bytes scored are the same). `seconds` is the scoring forward pass, `context_tokens` what the
+        documents added."""
         p = self.config.prompt_tokens
-        context, continuation = prompt.ids[:p], prompt.ids[p:]
+        context, continuation = list(prompt.ids[:p]), list(prompt.ids[p:])
         extra: dict = {}
         if documents:
             text = self.tokenizer.decode(context)
@@ -51,24 +70,38 @@ class Evaluator:
                 return completion_ids(self.tokenizer, text, docs)
 
             alone = render(())
-            context, added = fit(documents, self.config.context_tokens, render, len(alone))
+            context, added = fit(documents, budget, render, len(alone))
             extra = {"context_documents": added, "context_tokens": len(context) - len(alone)}
-        cont_bytes = len(self.tokenizer.decode(continuation).encode("utf-8"))
+        mask = content_mask(self.tokenizer, continuation)
         with view as model:
             started = time.monotonic()
-            bits = continuation_bits(model, context, continuation)
+            bits = continuation_token_bits(model, context, continuation)
             seconds = time.monotonic() - started
-            if whole:
-                prefix = self.tokenizer.bos_token_id
-                prefix = self.tokenizer.eos_token_id if prefix is None else prefix
-                doc_bits = continuation_bits(model, [prefix], prompt.ids)
-                doc_bytes = len(self.tokenizer.decode(prompt.ids).encode("utf-8"))
-                extra.update(doc_bpb=doc_bits / doc_bytes, doc_bits=doc_bits, doc_bytes=doc_bytes)
-        return Score(bpb=bits / cont_bytes, bits=bits, bytes=cont_bytes, seconds=seconds, **extra)
+        cont_bytes = len(self.tokenizer.decode(continuation).encode("utf-8"))
+        content_bits = sum(b for b, keep in zip(bits, mask, strict=True) if keep)
+        content_bytes = sum(
+            len(self.tokenizer.decode([i]).encode("utf-8")) for i, keep in zip(continuation, mask, strict=True) if keep
+        )
+        return Score(
+            bpb=sum(bits) / cont_bytes,
+            bits=sum(bits),
+            bytes=cont_bytes,
+            seconds=seconds,
+            content_bpb=content_bits / content_bytes,
+            content_bits=content_bits,
+            content_bytes=content_bytes,
+            **extra,
+        )
 
     def base(self, prompt: Prompt) -> Run:
-        score = self.score(prompt, self.base_model(), whole=True)
+        score = self.score(prompt, self.base_model())
         return Run(steps=0, curve={"0": score}, final=score)
+
+    def pick(self, prompt: Prompt, selector: Selector, method: Method, n: int, seed: int = 0):
+        """`method`'s first `n` picks for the prompt, from the same candidates for every method."""
+        text = self.tokenizer.decode(prompt.ids[: self.config.prompt_tokens])
+        options = SelectOptions(n, method, lambda_=self.config.lambda_, candidates=self.config.candidates, seed=seed)
+        return selector.select([text], options)[0]
 
     def run(
         self,
@@ -76,45 +109,38 @@ class Evaluator:
         selector: Selector,
         method: Method,
         learning_rate: float,
-        seed: int,
         score_at: Iterable[int],
         base: Run,
-        n: int | None = None,
-        in_context: bool = False,
+        recipe: Recipe,
+        steps: int | None = None,
+        seed: int = 0,
     ) -> Run:
-        """Select `n` (default `max_steps`) picks with `method`, train on them one step each, score after
-        the steps in `score_at` (and the last, with the whole-window view); with `in_context`, also score
-        the last adapter with the picks placed before the prompt (`icl`)."""
-        text = self.tokenizer.decode(prompt.ids[: self.config.prompt_tokens])
-        options = SelectOptions(
-            n or self.config.max_steps,
-            method,
-            lambda_=self.config.lambda_,
-            candidates=self.config.candidates,
-            seed=seed,
-        )
-        picked = selector.select([text], options)[0]
+        """Select `steps` (default the horizon) picks with `method`, train on them one step each with
+        `recipe`, and score after the steps in `score_at` and the last.
+        `seconds` is the training's wall time without the scoring."""
+        picked = self.pick(prompt, selector, method, steps or self.config.max_steps, seed)
         texts = [d.text for d in picked.documents]
-        key = order_key(json.dumps([prompt.id, texts, learning_rate, seed, *(["icl"] if in_context else [])]))
+        key = order_key(json.dumps([prompt.id, texts, learning_rate, seed, recipe.name]))
         wanted = {s for s in score_at if s <= len(texts)} | {len(texts)}
         reused = self.runs.get(key)
         if reused is not None and reused.curve is not None and wanted <= {int(s) for s in reused.curve}:
             return reused.model_copy(update={"same_as": reused.same_as or reused.label, "label": str(method)})
+        trainer = self.trainer(recipe)
         started = time.monotonic()
         curve = {"0": base.final}
-        icl: dict[str, Score] = {}
-        spec = TrainSpec(self.config.max_steps, learning_rate, self.config.train_tokens, time_budget_s=None, seed=seed)
+        spec = TrainSpec(len(texts), learning_rate, recipe.train_tokens, time_budget_s=None, seed=seed)
         request = TrainRequest(tuple(texts), spec)
+        scoring = 0.0
 
         def after(done: TrainStep) -> None:
+            nonlocal scoring
             if done.step in wanted:
-                view = self.trainer.step.use(self.trainer.slot(request))
-                curve[str(done.step)] = self.score(prompt, view, whole=done.step == len(texts))
-                if in_context and done.step == len(texts):
-                    view = self.trainer.step.use(self.trainer.slot(request))
-                    icl[str(done.step)] = self.score(prompt, view, documents=texts)
+                entered = time.monotonic()
+                view = trainer.step.use(trainer.slot(request))
+                curve[str(done.step)] = self.score(prompt, view)
+                scoring += time.monotonic() - entered
 
-        result = self.trainer.train(request, progress=after)
+        result = trainer.train(request, progress=after)
         run = Run(
             label=str(method),
             key=key,
@@ -125,22 +151,16 @@ class Evaluator:
             documents=[d.id for d in picked.documents],
             repeats=picked.repeats,
             losses=list(result.losses),
-            seconds=time.monotonic() - started,
-            train_seconds=result.train_seconds,
-            icl=icl[str(result.steps)] if in_context else None,
+            seconds=time.monotonic() - started - scoring,
         )
         self.runs[key] = run
         return run
 
-    def in_context(self, prompt: Prompt, selector: Selector, method: Method, base: Run) -> Run:
-        """The base model with `method`'s picks placed before the prompt (in-context retrieval)."""
-        text = self.tokenizer.decode(prompt.ids[: self.config.prompt_tokens])
-        options = SelectOptions(
-            self.config.max_steps, method, lambda_=self.config.lambda_, candidates=self.config.candidates
-        )
-        picked = selector.select([text], options)[0]
-        score = self.score(prompt, self.base_model(), documents=[d.text for d in picked.documents])
-        return Run(steps=0, curve={"0": base.final}, final=score, documents=[d.id for d in picked.documents])
+    def in_context(self, prompt: Prompt, texts: Sequence[str], ids: Sequence[str], budget: int, base: Run) -> Run:
+        """The base model with `texts` (as many as fit `budget` prompt tokens) placed before the prompt."""
+        score = self.score(prompt, self.base_model(), documents=texts, budget=budget)
+        used = list(ids[: score.context_documents or 0])
+        return Run(steps=0, curve={"0": base.final}, final=score, documents=used)
 
     def remember(self, runs: Iterable[Run]) -> None:
         """Make saved runs (from a resumed results file) available for reuse."""

@@ -1,86 +1,121 @@
-"""The benchmark's figures: curves per domain (SIFT and NN against steps), the duplicate condition, bits
-per byte against compute, and adaptive against uniform steps."""
+"""The benchmark's figures: gain against steps (new knowledge and contrast, beside in-context retrieval),
+the recipe search's gain against seconds (its Pareto front), the learning-rate sweep, and the stopping
+rule's steps against the gain they realised."""
 
 from __future__ import annotations
 
-import math
-import statistics
 from pathlib import Path
 from typing import Any
 
 from benchmarks.quality.config import Config
-from benchmarks.quality.records import Results
-from selection.rules import Method
+from benchmarks.quality.records import Label, Results
+from benchmarks.quality.statistics import marginal_steps
+from selection.stopping import budget_steps
 
 
-def plots(results: Results, summary: dict[str, Any], config: Config, out: Path, name: str) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    reported = list(results.reported.values())
-    domains = sorted({p.domain for p in reported})
-    cols = 4
-    fig, axes = plt.subplots(math.ceil(len(domains) / cols), cols, figsize=(14, 6.5), squeeze=False)
-    steps = (0, *config.checkpoints)
-    for ax, domain in zip(axes.flat, domains, strict=False):
-        rows = [p for p in reported if p.domain == domain]
-        for m in (Method.SIFT, Method.NN):
-            ax.plot(steps, [statistics.mean(p[m].at(s) for p in rows) for s in steps], marker="o", label=str(m))
-        ax.set_title(f"{domain} ({len(rows)} prompts)", fontsize=9)
-        ax.set_xlabel("steps", fontsize=8)
-    for ax in list(axes.flat)[len(domains) :]:
-        ax.axis("off")
-    axes.flat[0].set_ylabel("bits per byte (continuation)")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / f"quality-{name}-curves.png", dpi=110)
-    plt.close(fig)
+    return plt
 
-    dup = list(results.duplicates.values())
-    if dup:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        scored = [s for s in config.checkpoints if all(str(s) in (p[Method.NN].curve or {}) for p in dup)]
-        dsteps = (0, *scored)
-        for m in (Method.NN, Method.NN_F, Method.SIFT):
-            ax.plot(dsteps, [statistics.mean(p[m].at(s) for p in dup) for s in dsteps], marker="o", label=str(m))
-        ax.set_xlabel("steps")
-        ax.set_ylabel("bits per byte (continuation)")
-        ax.set_title(f"a third of the chunks three times ({len(dup)} prompts)", fontsize=9)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / f"quality-{name}-duplicates.png", dpi=110)
-        plt.close(fig)
 
-    cost = summary.get("cost")
-    if cost:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        for m, c in cost.items():
-            ax.scatter([c["seconds"]], [summary["overall"][m]])
-            ax.annotate(m, (c["seconds"], summary["overall"][m]), fontsize=8, xytext=(4, 2), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("seconds per prompt on this CPU (training + scoring pass)")
-        ax.set_ylabel("bits per byte (continuation), domains equal")
-        fig.tight_layout()
-        fig.savefig(out / f"quality-{name}-compute.png", dpi=110)
-        plt.close(fig)
-
-    avu = summary["adaptive_vs_uniform"]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.plot([r["steps"] for r in avu["curve_uniform"]], [r["bpb"] for r in avu["curve_uniform"]], label="uniform steps")
-    ax.plot(
-        [r["steps"] for r in avu["curve_adaptive"]],
-        [r["bpb"] for r in avu["curve_adaptive"]],
-        marker=".",
-        label="adaptive (min_gain grid)",
-    )
-    ax.scatter(
-        [avu["steps"]], [avu["adaptive"]], color="red", zorder=3, label=f"default min_gain={summary['min_gain']:.3g}"
-    )
-    ax.set_xlabel("mean training steps (compute)")
-    ax.set_ylabel("bits per byte (continuation)")
+def curves(results: Results, summary: dict[str, Any], out: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for group, style in (("new_knowledge", "o-"), ("contrast", "s--")):
+        rows = summary[group]["curve"]
+        if rows:
+            base = rows[0]["bpb"]
+            ax.plot([r["steps"] for r in rows], [base - r["bpb"] for r in rows], style, label=f"{group}: SIFT trained")
+    new = [e for e in results.reported.values() if results.groups.get(e.domain) == "new_knowledge"]
+    for label in (Label.ICL_EQUAL_DOCS, Label.ICL_SIFT, Label.ICL_FULL):
+        done = [e for e in new if label in e]
+        if done:
+            mean = sum(e["base"].final.bpb - e[label].final.bpb for e in done) / len(done)
+            ax.axhline(mean, linestyle=":", color="grey")
+            ax.annotate(f"new knowledge: {label}", (0, mean), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    ax.set_xlabel("training steps (one pick each)")
+    ax.set_ylabel("bits per byte gained over the base model")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / f"quality-{name}-adaptive.png", dpi=110)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def pareto(recipe: dict[str, Any], out: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    table = recipe["table"]
+    front = sorted((r for r in table.values() if r["pareto"]), key=lambda r: r["seconds"])
+    ax.plot([r["seconds"] for r in front], [r["gain"] for r in front], "-", color="grey", label="Pareto front")
+    chosen = recipe["chosen"]
+    for name, r in table.items():
+        best = all(r[k] == chosen[k] for k in chosen)
+        ax.scatter([r["seconds"]], [r["gain"]], color="red" if best else "C0", zorder=3)
+        ax.annotate(
+            name + (" (default)" if best else ""),
+            (r["seconds"], r["gain"]),
+            fontsize=7,
+            xytext=(3, 2),
+            textcoords="offset points",
+        )
+    ax.set_xlabel(f"training seconds for {recipe['steps']} steps on this CPU")
+    ax.set_ylabel(f"bits per byte gained after {recipe['steps']} steps (dev prompts)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def learning_rates(lr: dict[str, Any], out: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for method in ("sift", "nn"):
+        grid = lr[method]["grid"]
+        ax.plot(
+            grid, [lr[method]["bpb"][f"{x:g}"] for x in grid], "o-", label=f"{method} (best {lr[method]['best']:.2g})"
+        )
+    ax.axvline(lr["shared"], linestyle=":", color="grey", label=f"shared {lr['shared']:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("pooled bits per byte at the horizon (dev prompts)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def stopping(results: Results, summary: dict[str, Any], config: Config, out: Path) -> None:
+    """Steps granted against realised gain on the new-knowledge prompts: the gain-budget rule and the
+    marginal rule at the same mean steps."""
+    plt = _pyplot()
+    assert results.stopping is not None and results.recipe is not None
+    new = [e for e in results.reported.values() if results.groups.get(e.domain) == "new_knowledge" and "sift" in e]
+    if not new:
+        return
+    k, tau = config.max_steps, results.stopping["tau"]
+    twin = results.stopping["diagnosis"]["marginal_rule_at_equal_steps"]["threshold"]
+    tokens = results.recipe["chosen"]["train_tokens"]
+    realised = [e["sift"].at(0) - e["sift"].final.bpb for e in new]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    budget = [budget_steps(e["sift"].sigma2 or [], tau, k) for e in new]
+    marginal = [marginal_steps(e["sift"], twin, tokens, k) for e in new]
+    ax.scatter(budget, realised, label=f"gain budget (tau {tau:.3g})")
+    ax.scatter(marginal, realised, marker="x", label="marginal rule, same mean steps")
+    ax.set_xlabel("steps granted")
+    ax.set_ylabel(f"bits per byte gained after {k} steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plots(results: Results, summary: dict[str, Any], config: Config, out: Path, name: str) -> None:
+    assert results.recipe is not None and results.lr is not None
+    curves(results, summary, out / f"quality-{name}-curves.png")
+    pareto(results.recipe, out / f"quality-{name}-pareto.png")
+    learning_rates(results.lr, out / f"quality-{name}-lr.png")
+    stopping(results, summary, config, out / f"quality-{name}-stopping.png")

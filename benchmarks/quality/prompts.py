@@ -5,11 +5,13 @@ occurs on the train side."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.corpus.ngrams import hash_set, overlap
+from benchmarks.corpus.recipes import Group
 from selection.corpus import read_jsonl
 
 
@@ -17,6 +19,7 @@ from selection.corpus import read_jsonl
 class Prompt:
     id: str
     domain: str
+    """The source: a package's release notes (new knowledge) or an older corpus (contrast)."""
     family: str
     ids: list[int]
 
@@ -41,6 +44,12 @@ def load_prompts(path: Path, tokenizer, need: int, per_domain: int) -> list[Prom
     for prompt in sorted(by_family.values(), key=lambda p: order_key(p.family)):
         by_domain.setdefault(prompt.domain, []).append(prompt)
     return [p for d in sorted(by_domain) for p in by_domain[d][:per_domain]]
+
+
+def groups(corpus: Path) -> dict[str, Group]:
+    """Each domain's group, from the corpus manifest."""
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    return {domain: Group(info.get("group", Group.CONTRAST)) for domain, info in manifest["domains"].items()}
 
 
 def per_domain(prompts: list[Prompt], k: int) -> list[Prompt]:

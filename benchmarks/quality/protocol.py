@@ -1,12 +1,19 @@
-"""The protocol, phase by phase, each saved as it goes (a killed run resumes where it stopped):
+"""The protocol, phase by phase, each run saved as it finishes (a killed run resumes where it stopped):
 
-1. Learning rate, per method (SIFT and NN each at its own best), on dev prompts.
-2. Calibration of the stopping threshold `min_gain` on dev prompts.
-3. Reported prompts: base, SIFT (scored after every step), NN and NN-F (at the checkpoints), adaptive.
-4. The duplicate condition (`benchmarks.duplicates`): NN, NN-F and SIFT on an index where a third of the
-   chunks appear three times.
-5. Random picks, and a second seed for SIFT and NN (seed noise).
-6. In-context retrieval: the picks before the prompt, on the base model and on SIFT's adapter.
+0. The pre-registration (endpoints and tests) is written into the results before any run.
+1. Recipe: a gain-per-second search on new-knowledge dev prompts (adapted layers x rank x tokens per
+   step, SIFT at one rate, `search.steps` steps); the recipe with the most gain per training second wins.
+2. Learning rate, per method (SIFT and NN), with that recipe, on the same dev prompts at the horizon; each
+   grid is widened past whichever edge is best until the best is interior. The shared rate is the rate
+   both grids hold that is best for the two methods together.
+3. The stopping rule's threshold, on the dev prompts' SIFT runs at SIFT's rate (`statistics.stopping`).
+4. New-knowledge held-out prompts, the primary endpoints first: base, SIFT (scored at the checkpoints),
+   in-context retrieval with the documents SIFT trained on (equal documents) and within 520 tokens.
+5. Contrast prompts (the older domains): base, SIFT, in context within 520 tokens.
+6. New-knowledge prompts at the shared rate: NN, and SIFT where its own rate differs.
+7. New-knowledge prompts in context at equal compute: a step's forward and backward cost about three
+   forward passes over its tokens, so the tokens trained on, three times over, exceed the context window;
+   the condition fills the window with SIFT's picks (at most equal compute).
 """
 
 from __future__ import annotations
@@ -14,185 +21,166 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from adapters.config import TrainerConfig
-from adapters.trainer import Trainer
-from benchmarks.duplicates import duplicate_index
-from benchmarks.quality.config import Config
+from benchmarks.corpus.recipes import Group
+from benchmarks.quality.config import Config, Recipe
 from benchmarks.quality.evaluation import Evaluator
-from benchmarks.quality.prompts import Prompt, contamination, load_prompts, per_domain
+from benchmarks.quality.prompts import Prompt, contamination, groups, load_prompts, per_domain
 from benchmarks.quality.records import Label, PromptRuns, Results, Run
-from benchmarks.quality.statistics import adaptive_steps, adaptive_vs_uniform, calibrate, pooled_bpb
+from benchmarks.quality.statistics import PREREGISTRATION, choose_rates, choose_recipe, stopping
 from infra.config import default_cache_dir
 from infra.models import resolve_model
 from selection.embed import load_embedder
 from selection.index import CorpusIndex
+from selection.manifest import IndexManifest
 from selection.rules import Method
-from selection.selector import SelectOptions, Selector
+from selection.selector import Selector
 
 log = logging.getLogger(__name__)
+
+
+def selectors(index_dirs: Iterable[Path], embedder) -> dict[int, Selector]:
+    """A selector per index, keyed by the index's chunk size (tokens per training step)."""
+    out = {}
+    for directory in index_dirs:
+        tokens = IndexManifest.read(directory).chunk_tokens
+        out[tokens] = Selector(CorpusIndex.load(directory, embedder), embedder)
+    return out
+
+
+def prompt_sets(args: argparse.Namespace, config: Config, tokenizer) -> tuple[list[Prompt], list[Prompt], list[Prompt]]:
+    """(dev, new-knowledge held-out, contrast held-out) prompts: one per family, per source or domain."""
+    group = groups(args.corpus)
+    need = config.prompt_tokens + config.eval_tokens
+    dev = [p for p in load_prompts(args.corpus / "dev.jsonl", tokenizer, need, 1) if group[p.domain] is Group.NEW]
+    held = load_prompts(
+        args.corpus / "heldout.jsonl",
+        tokenizer,
+        need,
+        max(config.new_prompts_per_source, config.contrast_prompts_per_domain),
+    )
+    new = per_domain([p for p in held if group[p.domain] is Group.NEW], config.new_prompts_per_source)
+    contrast = per_domain([p for p in held if group[p.domain] is Group.CONTRAST], config.contrast_prompts_per_domain)
+    return dev[: config.dev_prompts], new, contrast
 
 
 def run_protocol(results: Results, config: Config, args: argparse.Namespace, save: Callable[[], None]) -> None:
     model_dir = resolve_model(args.model, default_cache_dir())
     embedder = load_embedder("minilm", model_dir)
-    selector = Selector(CorpusIndex.load(args.index, embedder), embedder)
-    trainer = Trainer(model_dir, TrainerConfig(rank=config.rank, device=args.device))
-    tok = trainer.step.tokenizer
-    ev = Evaluator(trainer, config)
+    by_tokens = selectors(args.index, embedder)
+    missing = {r.train_tokens for r in config.search.recipes()} - set(by_tokens)
+    if missing:
+        raise SystemExit(f"no index with {sorted(missing)}-token chunks among --index {args.index}")
+    ev = Evaluator(model_dir, config, args.device)
     ev.remember(results.all_runs())
-    need = config.prompt_tokens + config.eval_tokens
-    dev = load_prompts(args.corpus / "dev.jsonl", tok, need, config.dev_prompts_per_domain)
-    reported = load_prompts(args.corpus / "heldout.jsonl", tok, need, config.prompts_per_domain)
-    log.info("%d reported prompts, %d dev prompts", len(reported), len(dev))
+    dev, new, contrast = prompt_sets(args, config, ev.tokenizer)
+    results.groups = {k: str(v) for k, v in groups(args.corpus).items()}
+    log.info("%d dev, %d new-knowledge and %d contrast prompts", len(dev), len(new), len(contrast))
+    if results.preregistration is None:
+        results.preregistration = PREREGISTRATION
+        save()
     if results.contamination is None:
-        counts = contamination(reported, tok, args.corpus / "train.jsonl", config.prompt_tokens)
+        counts = contamination(dev + new + contrast, ev.tokenizer, args.corpus / "train.jsonl", config.prompt_tokens)
         results.contamination = {"shared_13grams": sum(counts.values()), "prompts": len(counts), "per_prompt": counts}
         save()
     if results.contamination["shared_13grams"] != 0:
         raise SystemExit(f"held-out continuations share 13-grams with the train side: {results.contamination}")
-    ends = {"sweep": (config.max_steps,), "curve": config.checkpoints, "every": range(1, config.max_steps + 1)}
     bases: dict[str, Run] = {}
 
     def base_of(p: Prompt) -> Run:
         if p.id not in bases:
-            entry = results.reported.get(p.id)
-            bases[p.id] = entry[Label.BASE] if entry is not None and Label.BASE in entry else ev.base(p)
+            for phase in ("reported", "sweep", "search"):
+                entry = results.phase(phase).get(p.id)
+                if entry is not None and Label.BASE in entry:
+                    bases[p.id] = entry[Label.BASE]
+                    break
+            else:
+                bases[p.id] = ev.base(p)
         return bases[p.id]
 
     def entry_of(phase: str, p: Prompt) -> PromptRuns:
-        return results.phase(phase).setdefault(p.id, PromptRuns(domain=p.domain))
+        entry = results.phase(phase).setdefault(p.id, PromptRuns(domain=p.domain))
+        if Label.BASE not in entry:
+            entry[Label.BASE] = base_of(p)
+        return entry
 
-    def run_into(
-        phase: str, p: Prompt, label: str, method: Method, lr: float, seed: int, at_steps: Iterable[int], sel=selector
+    def train_into(
+        phase: str, p: Prompt, label: str, method: Method, lr: float, recipe: Recipe, at: Iterable[int], n: int = 0
     ) -> Run:
         entry = entry_of(phase, p)
         if label not in entry:
-            entry[label] = ev.run(p, sel, method, lr, seed, at_steps, base_of(p))
+            selector = by_tokens[recipe.train_tokens]
+            entry[label] = ev.run(p, selector, method, lr, at, base_of(p), recipe, steps=n or None)
             save()
         return entry[label]
 
-    # 1. learning rate per method, on dev prompts
-    sweep_prompts = dev[: config.sweep_prompts]
-    if results.learning_rates is None:
-        for method in (Method.SIFT, Method.NN):
-            for lr in config.learning_rates:
-                for p in tqdm(sweep_prompts, desc=f"sweep {method} lr {lr:g}"):
-                    run_into("sweep", p, f"{method}@{lr:g}", method, lr, 0, ends["sweep"])
-        table = {
-            str(m): {
-                f"{lr:g}": pooled_bpb(
-                    [results.sweep[p.id].runs[f"{m}@{lr:g}"] for p in sweep_prompts], lambda r: r.final
-                )
-                for lr in config.learning_rates
-            }
-            for m in (Method.SIFT, Method.NN)
-        }
-        results.learning_rate_sweep = table
-        results.learning_rates = {m: float(min(row, key=lambda k: row[k])) for m, row in table.items()}
-        save()
-    lrs = results.learning_rates
-    results.learning_rate = lrs
-    log.info("learning rates %s (sweep %s)", lrs, results.learning_rate_sweep)
-
-    # 2. the stopping threshold, on dev prompts
-    for p in tqdm(dev, desc="calibration"):
-        run_into("calibration_runs", p, Method.SIFT, Method.SIFT, lrs["sift"], 0, ends["every"])
-    results.calibration = calibrate([results.calibration_runs[p.id][Method.SIFT] for p in dev], config)
-    min_gain = results.calibration["min_gain"]
+    # 1. the recipe: gain per training second
+    search = config.search
+    for recipe in search.recipes():
+        for p in tqdm(dev, desc=f"search {recipe.name}"):
+            train_into(
+                "search", p, recipe.name, Method.SIFT, search.learning_rate, recipe, (search.steps,), search.steps
+            )
+    results.recipe = choose_recipe(results.search, search)
     save()
-    log.info("calibrated min_gain %.4g (%s)", min_gain, {k: v for k, v in results.calibration.items() if k != "grid"})
+    recipe = Recipe.of(results.recipe["chosen"])
+    selector = by_tokens[recipe.train_tokens]
+    log.info("recipe %s (%s)", recipe.name, results.recipe["table"])
 
-    # 3. reported prompts
-    for p in tqdm(reported, desc="reported"):
+    # 2. the learning rate per method, widening each grid until its best is interior
+    horizon = (*config.checkpoints, config.max_steps)
+    grids: dict[str, list[float]] = {}
+    for method in (Method.SIFT, Method.NN):
+        grid = list(config.learning_rates)
+        for widened in range(config.lr_widen + 1):
+            for lr in grid:
+                for p in tqdm(dev, desc=f"sweep {method} lr {lr:g}"):
+                    train_into("sweep", p, f"{method}@{lr:g}", method, lr, recipe, horizon)
+            best = choose_rates(results.sweep, {str(method): grid})[str(method)]["best"]
+            if widened == config.lr_widen or grid[0] < best < grid[-1]:
+                break
+            if best == grid[0]:
+                grid.insert(0, grid[0] / config.lr_factor)
+            else:
+                grid.append(grid[-1] * config.lr_factor)
+        grids[str(method)] = grid
+    results.lr = choose_rates(results.sweep, grids)
+    save()
+    lr_sift, lr_nn, shared = results.lr["sift"]["best"], results.lr["nn"]["best"], results.lr["shared"]
+    log.info("rates: sift %g, nn %g, shared %g", lr_sift, lr_nn, shared)
+
+    # 3. the stopping rule, on the dev prompts' SIFT runs
+    results.stopping = stopping([results.sweep[p.id][f"sift@{lr_sift:g}"] for p in dev], config, recipe.train_tokens)
+    save()
+
+    def in_context(p: Prompt, label: Label, n: int, budget: int) -> None:
         entry = entry_of("reported", p)
-        if Label.BASE not in entry:
-            entry[Label.BASE] = base_of(p)
-        run_into("reported", p, Method.SIFT, Method.SIFT, lrs["sift"], 0, ends["every"])
-        run_into("reported", p, Method.NN, Method.NN, lrs["nn"], 0, ends["curve"])
-        run_into("reported", p, Method.NN_F, Method.NN_F, lrs["nn"], 0, ends["curve"])
-        if Label.ADAPTIVE not in entry:
-            entry[Label.ADAPTIVE] = adaptive_run(selector, tok, p, entry[Method.SIFT], min_gain, config)
+        if label not in entry:
+            picked = ev.pick(p, selector, Method.SIFT, n)
+            texts, ids = [d.text for d in picked.documents], [d.id for d in picked.documents]
+            entry[label] = ev.in_context(p, texts, ids, budget, base_of(p))
             save()
-    first = next((p for p in reported if results.reported[p.id][Label.ADAPTIVE].steps > 0), reported[0])
-    if results.prefix_check is None:
-        results.prefix_check = prefix_check(
-            ev, selector, first, results.reported[first.id], lrs["sift"], base_of(first)
-        )
-        save()
-    results.adaptive_vs_uniform = adaptive_vs_uniform(results.reported, config)
+
+    full = config.model_context - config.prompt_tokens - config.eval_tokens - 64  # the template's tokens
+    # 4. new knowledge: the primary endpoints
+    for p in tqdm(new, desc="new knowledge"):
+        train_into("reported", p, Method.SIFT, Method.SIFT, lr_sift, recipe, horizon)
+        in_context(p, Label.ICL_EQUAL_DOCS, config.max_steps, full)
+        in_context(p, Label.ICL_SIFT, config.max_steps, config.context_tokens)
+    # 5. the contrast group
+    for p in tqdm(contrast, desc="contrast"):
+        train_into("reported", p, Method.SIFT, Method.SIFT, lr_sift, recipe, horizon)
+        in_context(p, Label.ICL_SIFT, config.max_steps, config.context_tokens)
+    # 6. SIFT against NN at the shared rate
+    for p in tqdm(new, desc="shared rate"):
+        train_into("reported", p, Label.NN_SHARED, Method.NN, shared, recipe, horizon)
+        train_into("reported", p, Label.SIFT_SHARED, Method.SIFT, shared, recipe, horizon)
+    # 7. in context at equal compute: training's FLOPs (3 x the tokens trained on) exceed the window
+    for p in tqdm(new, desc="full context"):
+        in_context(p, Label.ICL_FULL, config.full_context_picks, full)
+    results.config = {**results.config, "recipe": asdict(recipe)}
     save()
-
-    # 4. the duplicate condition
-    dup_dir = args.index.with_name(args.index.name + "-duplicated")
-    if not (dup_dir / "manifest.json").exists():
-        duplicate_index(args.index, dup_dir)
-    dup_selector = Selector(CorpusIndex.load(dup_dir, embedder), embedder)
-    for p in tqdm(per_domain(reported, config.duplicate_prompts_per_domain), desc="duplicates"):
-        for method, lr in ((Method.NN, lrs["nn"]), (Method.NN_F, lrs["nn"]), (Method.SIFT, lrs["sift"])):
-            run = run_into("duplicates", p, method, method, lr, 0, ends["curve"], dup_selector)
-            if run.distinct_texts is None:
-                run.distinct_texts = len({d.split("#copy")[0] for d in run.documents or []})
-                save()
-
-    # 5. random picks, and a second seed
-    for p in tqdm(per_domain(reported, config.random_prompts_per_domain), desc="random"):
-        run_into("reported", p, Method.RANDOM, Method.RANDOM, lrs["sift"], 0, ends["sweep"])
-    for p in tqdm(per_domain(reported, config.seed_prompts_per_domain), desc="seed 1"):
-        run_into("seeds", p, Method.SIFT, Method.SIFT, lrs["sift"], 1, ends["sweep"])
-        run_into("seeds", p, Method.NN, Method.NN, lrs["nn"], 1, ends["sweep"])
-
-    # 6. in-context retrieval: the picks before the prompt, on the base model and on the adapted one
-    for p in tqdm(reported, desc="in context"):
-        entry = results.reported[p.id]
-        for label, method in ((Label.ICL_NN, Method.NN), (Label.ICL_SIFT, Method.SIFT)):
-            if label not in entry:
-                entry[label] = ev.in_context(p, selector, method, base_of(p))
-                save()
-        if entry.plain_seconds is None:
-            entry.plain_seconds = ev.score(p, ev.base_model()).seconds
-        if Label.SIFT_ICL not in entry:
-            run = ev.run(p, selector, Method.SIFT, lrs["sift"], 0, ends["sweep"], base_of(p), in_context=True)
-            assert run.icl is not None
-            entry[Label.SIFT_ICL] = run.model_copy(update={"final": run.icl})
-            save()
-
-
-def adaptive_run(selector: Selector, tokenizer, prompt: Prompt, sift: Run, min_gain: float, config: Config) -> Run:
-    """The product's predicted-gain rule on this prompt: its steps, and SIFT's score after that many."""
-    text = tokenizer.decode(prompt.ids[: config.prompt_tokens])
-    options = SelectOptions(
-        config.max_steps,
-        lambda_=config.lambda_,
-        candidates=config.candidates,
-        min_gain=min_gain,
-        step_tokens=config.train_tokens,
-    )
-    picked = selector.select([text], options)[0]
-    steps = len(picked.documents)
-    ids = [d.id for d in picked.documents]
-    if ids != (sift.documents or [])[:steps]:
-        raise RuntimeError(f"{prompt.id}: adaptive picks {ids} are not a prefix of SIFT's {sift.documents}")
-    derived = adaptive_steps(sift.sigma2 or [], min_gain, config.train_tokens, config.max_steps)
-    if derived != steps:  # only where a gain sits within float32 rounding of the threshold
-        log.warning("%s: the selector stopped after %d steps, the variance trace says %d", prompt.id, steps, derived)
-    assert sift.curve is not None
-    return Run(steps=steps, trace_steps=derived, stop_reason=str(picked.stop_reason), final=sift.curve[str(steps)])
-
-
-def prefix_check(ev: Evaluator, selector: Selector, prompt: Prompt, entry: PromptRuns, lr: float, base: Run) -> dict:
-    """Train one prompt's adaptive picks on their own and compare with SIFT's curve at that step: the
-    reuse of SIFT's curve for adaptive and uniform steps rests on this equality."""
-    steps = entry[Label.ADAPTIVE].steps
-    if steps == 0:
-        return {"prompt": prompt.id, "steps": 0, "abs_diff": 0.0}
-    alone = ev.run(prompt, selector, Method.SIFT, lr, 0, (steps,), base, n=steps)
-    sift = entry[Method.SIFT]
-    return {
-        "prompt": prompt.id,
-        "steps": steps,
-        "abs_diff": abs(alone.final.bpb - sift.at(steps)),
-        "same_picks": alone.documents == (sift.documents or [])[:steps],
-    }

@@ -8,7 +8,6 @@ runs are a `PromptRuns`; the whole file is a `Results`, whose phases map prompt 
 
 from __future__ import annotations
 
-import math
 from enum import StrEnum
 from typing import Any
 
@@ -18,34 +17,35 @@ from selection.rules import Method
 
 
 class Label(StrEnum):
-    """The benchmark's conditions that are not a selection rule."""
+    """The benchmark's conditions that are not a selection rule at its tuned rate."""
 
     BASE = "base"
     """The base model, untrained."""
-    ADAPTIVE = "adaptive"
-    """SIFT with the product's stopping rule (a prefix of SIFT's curve)."""
-    ICL_NN = "icl_nn"
-    """The base model with NN's picks before the prompt."""
+    SIFT_SHARED = "sift_shared"
+    """SIFT at the rate shared with NN (the same run as `sift` where the two rates agree)."""
+    NN_SHARED = "nn_shared"
+    """Nearest neighbours at the shared rate."""
     ICL_SIFT = "icl_sift"
-    """The base model with SIFT's picks before the prompt."""
-    SIFT_ICL = "sift_icl"
-    """SIFT's adapter with its picks before the prompt."""
+    """The base model with SIFT's picks before the prompt, within the previous run's 520-token budget."""
+    ICL_EQUAL_DOCS = "icl_equal_docs"
+    """The base model with the documents the adapter trained on before the prompt (equal documents)."""
+    ICL_FULL = "icl_full_context"
+    """The base model with as many of SIFT's picks as the context window holds (at most equal compute)."""
 
 
 Condition = Method | Label
 
 CONDITIONS: tuple[Condition, ...] = (
     Label.BASE,
-    Method.NN,
-    Method.NN_F,
-    Method.RANDOM,
     Method.SIFT,
-    Label.ADAPTIVE,
-    Label.ICL_NN,
+    Label.SIFT_SHARED,
+    Label.NN_SHARED,
     Label.ICL_SIFT,
-    Label.SIFT_ICL,
+    Label.ICL_EQUAL_DOCS,
+    Label.ICL_FULL,
 )
-"""Every condition, in the order tables list them."""
+"""Every condition of a reported prompt, in the order tables list them."""
+IN_CONTEXT = (Label.ICL_SIFT, Label.ICL_EQUAL_DOCS, Label.ICL_FULL)
 
 
 class _Record(BaseModel):
@@ -57,7 +57,7 @@ class _Record(BaseModel):
 
 
 class Score(_Record):
-    """Bits per byte of a prompt's continuation (and with `doc_*`, of the whole window) under one model."""
+    """Bits per byte of a prompt's continuation under one model."""
 
     bpb: float
     bits: float
@@ -68,9 +68,10 @@ class Score(_Record):
     """In context: how many documents were placed before the prompt."""
     context_tokens: int | None = None
     """In context: the prompt tokens they added."""
-    doc_bpb: float | None = None
-    doc_bits: float | None = None
-    doc_bytes: int | None = None
+    content_bpb: float | None = None
+    """Bits per byte over the continuation's content tokens only (those with a letter in them)."""
+    content_bits: float | None = None
+    content_bytes: int | None = None
 
 
 class Run(_Record):
@@ -96,13 +97,25 @@ class Run(_Record):
     """Adaptive: the steps the variance trace implies (equals `steps` but for float rounding)."""
     stop_reason: str | None = None
 
-    def at(self, step: float) -> float:
-        """bpb after `step` steps; between two integers, linearly interpolated (a mix of the two)."""
+    def at(self, step: float, content: bool = False) -> float:
+        """bpb (or content bpb) after `step` steps, linearly interpolated between the scored steps around
+        it (a fractional step is a mix of two step counts)."""
         if self.curve is None:
             raise ValueError(f"{self.label} has no curve")
-        lo, hi = math.floor(step), math.ceil(step)
-        low, high = self.curve[str(lo)].bpb, self.curve[str(hi)].bpb
-        return low + (high - low) * (step - lo)
+        scored = sorted(int(s) for s in self.curve)
+        if not scored[0] <= step <= scored[-1]:
+            raise ValueError(f"step {step} outside the scored range {scored[0]}..{scored[-1]}")
+        hi = next(s for s in scored if s >= step)
+        lo = max(s for s in scored if s <= step)
+
+        def value(s: int) -> float:
+            score = self.curve[str(s)]  # type: ignore[index]
+            if content:
+                assert score.content_bpb is not None
+                return score.content_bpb
+            return score.bpb
+
+        return value(lo) if hi == lo else value(lo) + (value(hi) - value(lo)) * (step - lo) / (hi - lo)
 
 
 class PromptRuns(BaseModel):
@@ -144,7 +157,7 @@ class PromptRuns(BaseModel):
         self.runs[str(condition)] = run
 
 
-PHASES = ("sweep", "calibration_runs", "reported", "duplicates", "seeds")
+PHASES = ("search", "sweep", "reported")
 
 
 class Results(BaseModel):
@@ -153,18 +166,23 @@ class Results(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     config: dict[str, Any] = {}
+    preregistration: dict[str, Any] | None = None
+    """The endpoints and tests, written before the first run (`statistics.PREREGISTRATION`)."""
+    search: dict[str, PromptRuns] = {}
+    """Dev prompts, one SIFT run per recipe (`<layers>/r<rank>/<tokens>t`)."""
     sweep: dict[str, PromptRuns] = {}
-    calibration_runs: dict[str, PromptRuns] = {}
+    """Dev prompts, one run per method and rate (`<method>@<rate>`), with the chosen recipe."""
     reported: dict[str, PromptRuns] = {}
-    duplicates: dict[str, PromptRuns] = {}
-    seeds: dict[str, PromptRuns] = {}
+    """Held-out prompts, new knowledge and contrast."""
+    groups: dict[str, str] = {}
+    """Each domain's group (new_knowledge or contrast)."""
     contamination: dict[str, Any] | None = None
-    learning_rate_sweep: dict[str, dict[str, float]] | None = None
-    learning_rates: dict[str, float] | None = None
-    learning_rate: dict[str, float] | None = None
-    calibration: dict[str, Any] | None = None
-    prefix_check: dict[str, Any] | None = None
-    adaptive_vs_uniform: dict[str, Any] | None = None
+    recipe: dict[str, Any] | None = None
+    """The search's outcome: every recipe's gain and seconds, and the one chosen."""
+    lr: dict[str, Any] | None = None
+    """Per method the grid, its pooled bpb, the best rate; and the shared rate."""
+    stopping: dict[str, Any] | None = None
+    """The stopping rule's calibration on dev prompts, and the diagnosis of the previous rule."""
     summary: dict[str, Any] | None = None
 
     def phase(self, name: str) -> dict[str, PromptRuns]:

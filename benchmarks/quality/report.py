@@ -1,33 +1,59 @@
-"""The summary as Markdown tables: bits per byte per condition and domain, then every paired test."""
+"""The summary as Markdown: the pre-registered endpoints, bits per byte per source and condition, the
+recipe search, the learning rates and the stopping rule."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from benchmarks.quality.records import CONDITIONS
+
+
+def _endpoint(name: str, row: dict[str, Any]) -> str:
+    content = row.get("content") or {}
+    content_text = f"{content['mean']:+.4f}" if content else ""
+    return (
+        f"| {name} | {row['n']} ({row['clusters']}) | {row['mean']:+.4f} | [{row['ci'][0]:+.4f}, {row['ci'][1]:+.4f}] "
+        f"| {row['p']:.3g} | {row['p_holm']:.3g} | {'yes' if row['significant'] else 'no'} "
+        f"| [{row['loso_min']:+.4f}, {row['loso_max']:+.4f}] | {row['mde']:.4f} | {content_text} |"
+    )
+
+
+def _table(per: dict[str, dict[str, float]]) -> list[str]:
+    conditions = [str(c) for c in CONDITIONS if any(str(c) in row for row in per.values())]
+    lines = ["| source | " + " | ".join(conditions) + " |", "|---|" + "---|" * len(conditions)]
+    for source, row in per.items():
+        lines.append(f"| {source} | " + " | ".join(f"{row[c]:.3f}" if c in row else "" for c in conditions) + " |")
+    return lines
+
+
+def _grid(rates: list[float]) -> str:
+    return ", ".join(f"{r:.2g}" for r in rates)
+
 
 def markdown(summary: dict[str, Any]) -> str:
-    methods = list(summary["overall"])
-    lines = ["| domain | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    for d, row in sorted(summary["per_domain"].items()):
-        lines.append(f"| {d} | " + " | ".join(f"{row[m]:.3f}" if m in row else "" for m in methods) + " |")
-    lines.append("| **overall** | " + " | ".join(f"**{summary['overall'][m]:.3f}**" for m in methods) + " |")
-    lines.append("| steps | " + " | ".join(f"{summary['steps'][m]:.1f}" for m in methods) + " |")
-    lines.append("| prompts | " + " | ".join(str(summary["n"][m]) for m in methods) + " |")
+    lines = [
+        "| endpoint | prompts (sources) | mean A - B (bpb) | 95% CI (sources) | p (sign flip) | p (Holm) "
+        "| holds | leave one source out | MDE | content-token mean |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for family in ("primary", "secondary"):
+        for name, row in summary["endpoints"][family].items():
+            lines.append(_endpoint(f"{family}: {name}", row))
+    lines += ["", "New knowledge, pooled bits per byte of the continuation:", ""]
+    lines += _table(summary["new_knowledge"]["per_source"])
+    lines += ["", "Contrast domains:", ""]
+    lines += _table(summary["contrast"]["per_domain"])
+    stop = summary["stopping"]
+    avu = stop["adaptive_vs_uniform"] or {}
+    rho = (stop["spearman_steps_gain"] or {}).get("rho")
     lines += [
         "",
-        "| comparison | n | mean diff (bpb) | 95% CI | Wilcoxon p | A better / B better |",
-        "|---|---|---|---|---|---|",
+        f"Stopping: {stop['rule']} with tau {stop['tau']:.3g}; adaptive {avu.get('adaptive', float('nan')):.4f} "
+        f"against uniform {avu.get('uniform', float('nan')):.4f} bpb at {avu.get('mean_steps', float('nan')):.1f} "
+        f"mean steps; Spearman(steps, gain) {rho if rho is None else f'{rho:+.2f}'}.",
+        f"Learning rates: sift {summary['lr']['sift']['best']:.3g} (grid {_grid(summary['lr']['sift']['grid'])}), "
+        f"nn {summary['lr']['nn']['best']:.3g} (grid {_grid(summary['lr']['nn']['grid'])}), "
+        f"shared {summary['lr']['shared']:.3g}.",
+        f"Recipe: {summary['recipe']}.",
     ]
-    tests = dict(summary["tests"])
-    for name, t in summary.get("duplicates", {}).get("tests", {}).items():
-        tests[f"duplicates: {name}"] = t
-    for name, t in summary["unseen_domain"]["tests"].items():
-        tests[f"{summary['unseen_domain']['domain']} only: {name}"] = t
-    avu = summary["adaptive_vs_uniform"]
-    tests[f"adaptive vs uniform ({avu['steps']:.1f} steps)"] = avu["test"]
-    for name, t in tests.items():
-        lines.append(
-            f"| {name} | {t['n']} | {t['mean_diff']:+.4f} | [{t['ci_low']:+.4f}, {t['ci_high']:+.4f}] | "
-            f"{t['p_value']:.3g} | {t['a_better']} / {t['b_better']} |"
-        )
     return "\n".join(lines) + "\n"

@@ -25,6 +25,9 @@ class AdaptationOptions(_Strict):
         None, ge=0, description="stop once a step removes less than this share of uncertainty per 1,000 tokens"
     )
     alpha: float | None = Field(None, gt=0, description="the paper's rule: stop once sigma_n > 1/(alpha n)")
+    gain_budget: float | None = Field(
+        None, ge=0, description="the gain-budget rule: train on the first n picks while V log(1 + 1/n) >= this"
+    )
     lambda_: float | None = Field(None, ge=MIN_LAMBDA, alias="lambda")
     candidates: int | None = Field(None, ge=1)
     learning_rate: float | None = Field(None, gt=0, le=1)
