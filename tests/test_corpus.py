@@ -17,7 +17,8 @@ from benchmarks.corpus.boilerplate import strip
 from benchmarks.corpus.build import CONTRAST, NEW_KNOWLEDGE, SplitRule, build, domain_documents, link_families, split
 from benchmarks.corpus.fetch import FetchError, fetch
 from benchmarks.corpus.ngrams import hash_set, ngram_hashes, overlap, shared_pairs
-from benchmarks.corpus.recipes import RECIPES, RELEASES_SINCE, Group
+from benchmarks.corpus.recipes import RECIPES, Group
+from benchmarks.corpus.releases import RELEASES_SINCE
 from benchmarks.duplicates import duplicate_index
 from selection.index import CorpusIndex
 from selection.rules import Method

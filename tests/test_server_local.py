@@ -43,6 +43,24 @@ async def test_the_predicted_gain_rule_stops_adaptation(client, server):
     assert done.model_extra["adaptation"]["steps"] == 3 and done.model_extra["adaptation"]["stop_reason"] == "max_steps"
 
 
+async def test_the_gain_budget_rule_cuts_the_picks(client, server):
+    """A budget no step can meet: every pick is dropped (the trace keeps only the prior), the reason
+    is gain_budget and the base model answers; a zero budget keeps every pick."""
+    extra = {"adaptation": {"min_gain": 0.0, "gain_budget": 1000.0, "max_steps": 3}}
+    done = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, extra_body=extra)
+    report = done.model_extra["adaptation"]
+    assert (report["steps"], report["stop_reason"], report["adapter"], report["documents"]) == (
+        0,
+        "gain_budget",
+        False,
+        [],
+    )
+    assert len(report["sigma2"]) == 1
+    extra = {"adaptation": {"min_gain": 0.0, "gain_budget": 0.0, "max_steps": 3}}
+    done = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, extra_body=extra)
+    assert done.model_extra["adaptation"]["steps"] == 3 and done.model_extra["adaptation"]["stop_reason"] == "max_steps"
+
+
 async def test_documents_in_the_context_with_and_without_training(client, server):
     plain = await client.chat.completions.create(
         model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"adaptation": {"enabled": False}}

@@ -25,9 +25,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from benchmarks.corpus.documents import Document
 from benchmarks.corpus.fetch import FetchError, fetch
 from benchmarks.corpus.ngrams import shared_pairs
-from benchmarks.corpus.recipes import RECIPES, Document, Group, Recipe
+from benchmarks.corpus.recipes import RECIPES, Group, Recipe
 from infra.config import default_cache_dir
 
 log = logging.getLogger(__name__)

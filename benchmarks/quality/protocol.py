@@ -181,6 +181,12 @@ def run_protocol(results: Results, config: Config, args: argparse.Namespace, sav
         train_into("reported", p, Label.SIFT_SHARED, Method.SIFT, shared, recipe, horizon)
     # 7. in context at equal compute: training's FLOPs (3 x the tokens trained on) exceed the window
     for p in tqdm(new, desc="full context"):
+        entry = entry_of("reported", p)
+        equal = entry[Label.ICL_EQUAL_DOCS]
+        if Label.ICL_FULL not in entry and (equal.final.context_documents or 0) < config.max_steps:
+            # the window was already full with fewer than the trained-on documents: the same prefix of picks
+            entry[Label.ICL_FULL] = equal.model_copy(update={"same_as": str(Label.ICL_EQUAL_DOCS)})
+            save()
         in_context(p, Label.ICL_FULL, config.full_context_picks, full)
     results.config = {**results.config, "recipe": asdict(recipe)}
     save()

@@ -290,5 +290,8 @@ def summarise(results: Results, config: Config) -> dict[str, Any]:
         | {"shared": results.lr["shared"]},
         "recipe": results.recipe["chosen"],
         "endpoints": ends,
+        "n_prompts": len(results.reported),
+        "per_domain": _per_domain(results.reported),
+        "learning_rate": {m: results.lr[m]["best"] for m in ("sift", "nn")},
         "contamination": results.contamination,
     }
