@@ -12,6 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from adapters.config import LayerScope
 from serving.cli import app
 from serving.config import Settings
 from serving.deployments import deployment_options
@@ -76,14 +77,17 @@ def _memory(quantity: str) -> int:
     return int(match.group(1)) * units.get(match.group(2) or "", 1)
 
 
-def adapter_bytes(model_dir: Path, rank: int, targets: list[str]) -> int:
-    """Bytes of one float32 LoRA adapter of `rank` on the projections `targets` of a Llama model."""
+def adapter_bytes(model_dir: Path, rank: int, targets: list[str], scope: LayerScope) -> int:
+    """Bytes of one float32 LoRA adapter of `rank` on the projections `targets` of the layers `scope`
+    names in a Llama model."""
     c = json.loads((model_dir / "config.json").read_text())
     h, i = c["hidden_size"], c["intermediate_size"]
     kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
     shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h)}
     shapes |= {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-    return 4 * rank * c["num_hidden_layers"] * sum(sum(shapes[t]) for t in targets)
+    layers = scope.layers(c["num_hidden_layers"])
+    count = c["num_hidden_layers"] if layers is None else len(layers)
+    return 4 * rank * count * sum(sum(shapes[t]) for t in targets)
 
 
 def test_rayservice_embeds_the_serve_config_and_sizes_shm(default_model_dir):
@@ -97,10 +101,11 @@ def test_rayservice_embeds_the_serve_config_and_sizes_shm(default_model_dir):
     assert json.loads(json.loads(groups["cpu"]["rayStartParams"]["resources"]))["index_shard"] >= 2
     assert groups["gpu"]["rayStartParams"]["num-gpus"] == "1"
     assert settings.deploy.trainer.num_gpus + settings.deploy.generator.num_gpus <= 1
-    adapters = settings.generator.max_loras * adapter_bytes(
-        default_model_dir, settings.trainer.rank, settings.trainer.target_modules
+    one = adapter_bytes(
+        default_model_dir, settings.trainer.rank, settings.trainer.target_modules, settings.trainer.layers
     )
-    assert 15e6 < adapters / settings.generator.max_loras < 25e6  # "about 20 MB" in the comments
+    adapters = settings.generator.max_loras * one
+    assert 4e6 < one < 6e6  # "about 5 MB" in the comments
     for spec in [cluster["headGroupSpec"], *groups.values()]:
         pod = spec["template"]["spec"]
         (shm,) = [v for v in pod["volumes"] if v["name"] == "shm"]
