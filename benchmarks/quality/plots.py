@@ -22,6 +22,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, ax, out: Path) -> None:
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def curves(results: Results, summary: dict[str, Any], out: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -39,10 +46,7 @@ def curves(results: Results, summary: dict[str, Any], out: Path) -> None:
             ax.annotate(f"new knowledge: {label}", (0, mean), fontsize=7, xytext=(2, 2), textcoords="offset points")
     ax.set_xlabel("training steps (one pick each)")
     ax.set_ylabel("bits per byte gained over the base model")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, out)
 
 
 def pareto(recipe: dict[str, Any], out: Path) -> None:
@@ -64,10 +68,7 @@ def pareto(recipe: dict[str, Any], out: Path) -> None:
         )
     ax.set_xlabel(f"training seconds for {recipe['steps']} steps on this CPU")
     ax.set_ylabel(f"bits per byte gained after {recipe['steps']} steps (dev prompts)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, out)
 
 
 def learning_rates(lr: dict[str, Any], out: Path) -> None:
@@ -82,10 +83,7 @@ def learning_rates(lr: dict[str, Any], out: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("pooled bits per byte at the horizon (dev prompts)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, out)
 
 
 def stopping(results: Results, summary: dict[str, Any], config: Config, out: Path) -> None:
@@ -107,10 +105,7 @@ def stopping(results: Results, summary: dict[str, Any], config: Config, out: Pat
     ax.scatter(marginal, realised, marker="x", label="marginal rule, same mean steps")
     ax.set_xlabel("steps granted")
     ax.set_ylabel(f"bits per byte gained after {k} steps")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, out)
 
 
 def plots(results: Results, summary: dict[str, Any], config: Config, out: Path, name: str) -> None:
