@@ -129,7 +129,9 @@ def run_protocol(results: Results, config: Config, args: argparse.Namespace, sav
     save()
     recipe = Recipe.of(results.recipe["chosen"])
     selector = by_tokens[recipe.train_tokens]
-    log.info("recipe %s (%s)", recipe.name, results.recipe["table"])
+    log.info(
+        "recipe %s: %.4g bpb per training second", recipe.name, results.recipe["table"][recipe.name]["gain_per_second"]
+    )
 
     # 2. the learning rate per method, widening each grid until its best is interior
     horizon = (*config.checkpoints, config.max_steps)
