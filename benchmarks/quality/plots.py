@@ -9,8 +9,7 @@ from typing import Any
 
 from benchmarks.quality.config import Config
 from benchmarks.quality.records import Label, Results
-from benchmarks.quality.statistics import marginal_steps
-from selection.stopping import budget_steps
+from benchmarks.quality.statistics import stopping_rules
 
 
 def _pyplot():
@@ -90,21 +89,19 @@ def stopping(results: Results, summary: dict[str, Any], config: Config, out: Pat
     """Steps granted against realised gain on the new-knowledge prompts: the gain-budget rule and the
     marginal rule at the same mean steps."""
     plt = _pyplot()
-    assert results.stopping is not None and results.recipe is not None
+    assert results.stopping is not None
     new = [e for e in results.reported.values() if results.groups.get(e.domain) == "new_knowledge" and "sift" in e]
     if not new:
         return
-    k, tau = config.max_steps, results.stopping["tau"]
-    twin = results.stopping["diagnosis"]["marginal_rule_at_equal_steps"]["threshold"]
-    tokens = results.recipe["chosen"]["train_tokens"]
+    rules = stopping_rules(results, config)
     realised = [e["sift"].at(0) - e["sift"].final.bpb for e in new]
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    budget = [budget_steps(e["sift"].sigma2 or [], tau, k) for e in new]
-    marginal = [marginal_steps(e["sift"], twin, tokens, k) for e in new]
-    ax.scatter(budget, realised, label=f"gain budget (tau {tau:.3g})")
+    budget = [rules["gain_budget"](e["sift"]) for e in new]
+    marginal = [rules["marginal"](e["sift"]) for e in new]
+    ax.scatter(budget, realised, label=f"gain budget (tau {results.stopping['tau']:.3g})")
     ax.scatter(marginal, realised, marker="x", label="marginal rule, same mean steps")
     ax.set_xlabel("steps granted")
-    ax.set_ylabel(f"bits per byte gained after {k} steps")
+    ax.set_ylabel(f"bits per byte gained after {config.max_steps} steps")
     _save(plt, fig, ax, out)
 
 

@@ -26,6 +26,17 @@ def _table(per: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def _rule_line(name: str, row: dict[str, Any] | None) -> str:
+    if not row:
+        return f"{name}: not run."
+    rho = (row["spearman_steps_gain"] or {}).get("rho")
+    return (
+        f"{name}: {row['mean_steps']:.1f} mean steps, adaptive - uniform {row['mean']:+.4f} bpb "
+        f"(CI [{row['ci'][0]:+.4f}, {row['ci'][1]:+.4f}], p {row['p']:.3g}); "
+        f"Spearman(steps, gain) {'n/a' if rho is None else f'{rho:+.2f}'}."
+    )
+
+
 def _grid(rates: list[float]) -> str:
     return ", ".join(f"{r:.2g}" for r in rates)
 
@@ -51,6 +62,7 @@ def markdown(summary: dict[str, Any]) -> str:
         f"Stopping: {stop['rule']} with tau {stop['tau']:.3g}; adaptive {avu.get('adaptive', float('nan')):.4f} "
         f"against uniform {avu.get('uniform', float('nan')):.4f} bpb at {avu.get('mean_steps', float('nan')):.1f} "
         f"mean steps; Spearman(steps, gain) {rho if rho is None else f'{rho:+.2f}'}.",
+        _rule_line("the previous, marginal rule at the same mean steps on dev", stop.get("marginal_rule")),
         f"Learning rates: sift {summary['lr']['sift']['best']:.3g} (grid {_grid(summary['lr']['sift']['grid'])}), "
         f"nn {summary['lr']['nn']['best']:.3g} (grid {_grid(summary['lr']['nn']['grid'])}), "
         f"shared {summary['lr']['shared']:.3g}.",

@@ -4,7 +4,7 @@ stopping threshold) and after them (the pre-registered tests, in `endpoints`).""
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks.quality.config import Config, Search
@@ -177,14 +177,16 @@ def _compare(entries: dict[str, PromptRuns], a: str, b: str, content: bool = Fal
     return clustered(diffs, [e.domain for e in both]).as_dict()
 
 
-def adaptive_vs_uniform(entries: dict[str, PromptRuns], tau: float, config: Config) -> dict[str, Any] | None:
-    """The gain-budget rule against uniform steps at the same mean, on SIFT's curves (interpolated between
-    the scored checkpoints), and how its steps rank with the realised gain."""
+def adaptive_vs_uniform(
+    entries: dict[str, PromptRuns], steps_of: Callable[[Run], int], config: Config
+) -> dict[str, Any] | None:
+    """A stopping rule (`steps_of`: a SIFT run's steps under the rule) against uniform steps at the same
+    mean, on SIFT's curves (interpolated between the scored checkpoints), and how its steps rank with the
+    realised gain."""
     runs = {k: e for k, e in entries.items() if "sift" in e}
     if len({e.domain for e in runs.values()}) < 2:
         return None
-    k = config.max_steps
-    steps = {pid: budget_steps(e["sift"].sigma2 or [], tau, k) for pid, e in runs.items()}
+    steps = {pid: steps_of(e["sift"]) for pid, e in runs.items()}
     mean_steps = statistics.mean(steps.values())
     diffs = [e["sift"].at(steps[pid]) - e["sift"].at(mean_steps) for pid, e in runs.items()]
     realised = [e["sift"].at(0) - e["sift"].final.bpb for e in runs.values()]
@@ -195,7 +197,20 @@ def adaptive_vs_uniform(entries: dict[str, PromptRuns], tau: float, config: Conf
         "adaptive": statistics.mean(e["sift"].at(steps[pid]) for pid, e in runs.items()),
         "uniform": statistics.mean(e["sift"].at(mean_steps) for e in runs.values()),
         "spearman_steps_gain": spearman(list(steps.values()), realised) if len(set(steps.values())) > 1 else None,
-        "spearman_v_gain": spearman([total_reduction(e["sift"], k) for e in runs.values()], realised),
+        "spearman_v_gain": spearman([total_reduction(e["sift"], config.max_steps) for e in runs.values()], realised),
+    }
+
+
+def stopping_rules(results: Results, config: Config) -> dict[str, Callable[[Run], int]]:
+    """The gain-budget rule at its calibrated tau, and the previous (marginal) rule at the threshold that
+    gave the same mean steps on the dev prompts."""
+    assert results.stopping is not None and results.recipe is not None
+    k, tau = config.max_steps, results.stopping["tau"]
+    twin = results.stopping["diagnosis"]["marginal_rule_at_equal_steps"]["threshold"]
+    tokens = results.recipe["chosen"]["train_tokens"]
+    return {
+        "gain_budget": lambda run: budget_steps(run.sigma2 or [], tau, k),
+        "marginal": lambda run: marginal_steps(run, twin, tokens, k),
     }
 
 
@@ -208,7 +223,7 @@ def endpoints(results: Results, config: Config) -> dict[str, Any]:
         for spec in PREREGISTRATION[family]:
             entries = _group(results, spec["group"])
             if spec["name"] == "adaptive_vs_uniform":
-                row = adaptive_vs_uniform(entries, results.stopping["tau"], config)
+                row = adaptive_vs_uniform(entries, stopping_rules(results, config)["gain_budget"], config)
             else:
                 row = _compare(entries, spec["a"], spec["b"])
                 if row is not None:
@@ -284,6 +299,7 @@ def summarise(results: Results, config: Config) -> dict[str, Any]:
             "tau": results.stopping["tau"],
             "adaptive_vs_uniform": ends["secondary"].get("adaptive_vs_uniform"),
             "spearman_steps_gain": (ends["secondary"].get("adaptive_vs_uniform") or {}).get("spearman_steps_gain"),
+            "marginal_rule": adaptive_vs_uniform(new, stopping_rules(results, config)["marginal"], config),
             "dev": results.stopping["diagnosis"],
         },
         "lr": {m: {"grid": results.lr[m]["grid"], "best": results.lr[m]["best"]} for m in ("sift", "nn")}
