@@ -31,11 +31,16 @@ def _save(plt, fig, ax, out: Path) -> None:
 def curves(results: Results, summary: dict[str, Any], out: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for group, style in (("new_knowledge", "o-"), ("contrast", "s--")):
-        rows = summary[group]["curve"]
+    lines = (
+        ("new_knowledge", "curve", "o-", "new knowledge: SIFT trained"),
+        ("new_knowledge", "curve_nn_shared", "^:", "new knowledge: NN trained (shared rate)"),
+        ("contrast", "curve", "s--", "contrast: SIFT trained"),
+    )
+    for group, key, style, label in lines:
+        rows = summary[group].get(key)
         if rows:
             base = rows[0]["bpb"]
-            ax.plot([r["steps"] for r in rows], [base - r["bpb"] for r in rows], style, label=f"{group}: SIFT trained")
+            ax.plot([r["steps"] for r in rows], [base - r["bpb"] for r in rows], style, label=label)
     new = [e for e in results.reported.values() if results.groups.get(e.domain) == "new_knowledge"]
     for label in (Label.ICL_EQUAL_DOCS, Label.ICL_SIFT, Label.ICL_FULL):
         done = [e for e in new if label in e]
@@ -55,16 +60,17 @@ def pareto(recipe: dict[str, Any], out: Path) -> None:
     front = sorted((r for r in table.values() if r["pareto"]), key=lambda r: r["seconds"])
     ax.plot([r["seconds"] for r in front], [r["gain"] for r in front], "-", color="grey", label="Pareto front")
     chosen = recipe["chosen"]
-    for name, r in table.items():
-        best = all(r[k] == chosen[k] for k in chosen)
-        ax.scatter([r["seconds"]], [r["gain"]], color="red" if best else "C0", zorder=3)
-        ax.annotate(
-            name + (" (default)" if best else ""),
-            (r["seconds"], r["gain"]),
-            fontsize=7,
-            xytext=(3, 2),
-            textcoords="offset points",
-        )
+    clusters: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in table.values():
+        clusters.setdefault((r["layers"], r["train_tokens"]), []).append(r)
+    for (layers, tokens), rows in clusters.items():
+        ax.scatter([r["seconds"] for r in rows], [r["gain"] for r in rows], color="C0", zorder=3)
+        top = max(rows, key=lambda r: r["gain"])
+        text = f"{layers}, {tokens} tokens/step, rank " + "/".join(str(r["rank"]) for r in rows)
+        ax.annotate(text, (top["seconds"], top["gain"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    default = next(r for r in table.values() if all(r[k] == chosen[k] for k in chosen))
+    name = f"{chosen['layers']}/r{chosen['rank']}/{chosen['train_tokens']}t"
+    ax.scatter([default["seconds"]], [default["gain"]], color="red", zorder=4, label=f"the default: {name}")
     ax.set_xlabel(f"training seconds for {recipe['steps']} steps on this CPU")
     ax.set_ylabel(f"bits per byte gained after {recipe['steps']} steps (dev prompts)")
     _save(plt, fig, ax, out)

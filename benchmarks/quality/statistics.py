@@ -249,8 +249,9 @@ def _per_domain(entries: dict[str, PromptRuns]) -> dict[str, dict[str, float]]:
     return table
 
 
-def _curve(entries: dict[str, PromptRuns], steps: Sequence[int]) -> list[dict[str, float]]:
-    runs = [e["sift"] for e in entries.values() if "sift" in e]
+def _curve(entries: dict[str, PromptRuns], steps: Sequence[int], condition: str = "sift") -> list[dict[str, float]]:
+    """Mean bpb after each of `steps` over the prompts where `condition` ran."""
+    runs = [e[condition] for e in entries.values() if condition in e]
     return [{"steps": n, "bpb": statistics.mean(r.at(n) for r in runs)} for n in steps] if runs else []
 
 
@@ -285,6 +286,7 @@ def summarise(results: Results, config: Config) -> dict[str, Any]:
             "sift_vs_nn_shared_lr": ends["secondary"].get("sift_vs_nn_shared_lr"),
             "per_source": _per_domain(new),
             "curve": _curve(new, steps),
+            "curve_nn_shared": _curve(new, steps, "nn_shared"),
             "cost": costs(new),
         },
         "contrast": {
