@@ -25,7 +25,7 @@ from adapters.config import TrainerConfig
 from infra.config import Strict
 from selection.config import IndexConfig, ModelsConfig
 from selection.rules import Method
-from selection.stopping import DEFAULT_MIN_GAIN, MIN_LAMBDA
+from selection.stopping import DEFAULT_GAIN_BUDGET, DEFAULT_MIN_GAIN, MIN_LAMBDA
 
 
 class ContextMode(StrEnum):
@@ -141,14 +141,15 @@ class AdaptationConfig(Strict):
     min_gain: float = Field(
         DEFAULT_MIN_GAIN,
         ge=0,
-        description="stop training once a step no longer removes this share of the prompt's uncertainty "
-        "per 1,000 tokens it trains on (SIFT's predicted gain; 0 trains every step up to max_steps)",
+        description="the marginal rule: stop training once a step no longer removes this share of the prompt's "
+        "uncertainty per 1,000 tokens it trains on (0, the default: off)",
     )
     gain_budget: float | None = Field(
-        None,
+        DEFAULT_GAIN_BUDGET,
         ge=0,
         description="the gain-budget rule: of max_steps picks, train on the first n while V log(1 + 1/n) is at "
-        "least this, V being the share of the prompt's uncertainty all the picks remove (None: off)",
+        "least this, V being the share of the prompt's uncertainty all the picks remove (None: off; the default "
+        "is calibrated on the quality benchmark's dev prompts)",
     )
     max_steps: Annotated[int, Limited()] = Field(
         4, ge=0, le=1000, description="most optimizer steps: one per picked document"

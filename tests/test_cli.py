@@ -41,8 +41,14 @@ def test_index_build_and_select(tmp_path, small_corpus):
         run("select", "--index", str(idx), "heap push", "-n", "20", "--json", "--alpha", "50", "--min-gain", "0").stdout
     )
     assert adaptive["stop_reason"] == "alpha" and len(adaptive["documents"]) < 20
-    by_gain = json.loads(run("select", "--index", str(idx), "heap push", "-n", "20", "--json").stdout)  # the default
+    by_gain = json.loads(
+        run("select", "--index", str(idx), "heap push", "-n", "20", "--json", "--min-gain", "0.05").stdout
+    )
     assert by_gain["stop_reason"] == "min_gain" and 0 < len(by_gain["documents"]) < 20
+    budget = json.loads(
+        run("select", "--index", str(idx), "heap push", "-n", "20", "--json", "--gain-budget", "0.1").stdout
+    )
+    assert budget["stop_reason"] == "gain_budget" and 0 < len(budget["documents"]) < 20
 
 
 @pytest.mark.parametrize(
