@@ -77,9 +77,12 @@ class BatchedStep:
         self._adapter_config_json = json.dumps(lora.to_dict(), indent=2, sort_keys=True, default=list)
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-    def reset(self, slot: int, seed: int, learning_rate: float) -> None:
-        """A fresh adapter in `slot` (PEFT's initialisation from `seed`) with fresh optimizer state."""
+    def reset(self, slot: int, seed: int, learning_rate: float, initial: AdapterBlob | None = None) -> None:
+        """A fresh adapter in `slot` (PEFT's initialisation from `seed`, or starting from `initial`'s delta)
+        with fresh optimizer state."""
         self.bank.reset(slot, seed)
+        if initial is not None:
+            self.bank.load(slot, initial.tensors(), initial.scaling)
         self.optimizer.reset(slot, learning_rate, self.config.weight_decay)
 
     def tokens(self, text: str, max_tokens: int) -> torch.Tensor:

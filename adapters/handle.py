@@ -10,6 +10,7 @@ process removes what it still owns at exit.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import re
@@ -124,6 +125,12 @@ class AdapterBlob:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return load(self.weights)
+
+    @property
+    def scaling(self) -> float:
+        """s = lora_alpha / r: the delta is s B A."""
+        config = json.loads(self.config_json)
+        return float(config["lora_alpha"]) / float(config["r"])
 
     def write(self, root: Path) -> AdapterHandle:
         """The adapter as a PEFT directory under `root` on this node; the handle owns (and deletes) it."""

@@ -123,6 +123,24 @@ class LoRABank(nn.Module):
             layer.lora_a[slot].copy_(a)
             layer.lora_b[slot].zero_()
 
+    @torch.no_grad()
+    def load(self, slot: int, tensors: dict[str, torch.Tensor], scaling: float) -> None:
+        """Start `slot` from an adapter (PEFT names, rank at most r, its own scaling): its delta exactly, in
+        the slot's first ranks; the other ranks keep their fresh initialisation (A random, B zero), so they
+        can still learn. Call after `reset`."""
+        names = {f"base_model.model.{layer.name}": layer for layer in self.layers}
+        modules = {name.rsplit(".lora_", 1)[0] for name in tensors}
+        if unknown := modules - names.keys():
+            raise ValueError(f"the adapter has projections this trainer does not adapt: {sorted(unknown)[:3]}")
+        for module in modules:
+            layer = names[module]
+            a, b = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
+            rank = a.shape[0]
+            if rank > self.rank or a.shape[1:] != layer.lora_a.shape[2:] or b.shape != (layer.lora_b.shape[1], rank):
+                raise ValueError(f"{module}: adapter of shape A {tuple(a.shape)}, B {tuple(b.shape)} does not fit")
+            layer.lora_a[slot, :rank].copy_(a)
+            layer.lora_b[slot, :, :rank].copy_(b * (scaling / self.scaling))
+
     def tensors(self, slot: int) -> dict[str, torch.Tensor]:
         """Slot `slot` under the names PEFT saves (base_model.model.<module>.lora_A.weight, ...)."""
         out = {}

@@ -56,6 +56,8 @@ class TrainRequest:
     """Why the document list ends where it does (selection's stop reason): reported when all are trained on."""
     request_id: str = ""
     """The serving request this training is for (in log lines)."""
+    initial: AdapterBlob | None = None
+    """Training starts from this adapter (a merge of experts) instead of a fresh one."""
 
     def __post_init__(self) -> None:
         if isinstance(self.documents, str) or any(not isinstance(d, str) for d in self.documents):

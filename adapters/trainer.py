@@ -167,7 +167,7 @@ class Trainer:
             self._active.append(job)
             try:
                 spec = job.request.spec
-                self.step.reset(job.slot, spec.seed, spec.learning_rate)
+                self.step.reset(job.slot, spec.seed, spec.learning_rate, job.request.initial)
             except Exception as exc:
                 self._fail(job, exc)
 

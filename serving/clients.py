@@ -22,12 +22,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from adapters.experts import Merged
 from adapters.spec import TrainRequest, TrainResult, TrainStep
 from selection.index import Candidates
 from selection.selector import SelectionResult
 from selection.store import StoredChunk
 from serving.availability import Overloaded, ServeAvailability, Unavailable
-from serving.contracts import Chunk, GenerateRequest, Readiness, SelectQuery
+from serving.contracts import Chunk, GenerateRequest, MergeQuery, Readiness, SelectQuery
 
 
 class Service(Protocol):
@@ -40,6 +41,10 @@ class Service(Protocol):
 
 class SelectorAPI(Service, Protocol):
     async def select(self, query: SelectQuery) -> SelectionResult: ...
+
+    async def merge(self, query: MergeQuery) -> Merged:
+        """The index's experts merged for the prompt (the Selector holds the embedder and the experts)."""
+        ...
 
 
 class TrainerAPI(Service, Protocol):
@@ -128,6 +133,10 @@ class SelectorHandle(HandleClient):
     async def select(self, query: SelectQuery) -> SelectionResult:
         self.check()
         return await self._result(self.handle.select.remote(query))
+
+    async def merge(self, query: MergeQuery) -> Merged:
+        self.check()
+        return await self._result(self.handle.merge.remote(query))
 
 
 class TrainerHandle(HandleClient):

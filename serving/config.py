@@ -37,6 +37,17 @@ class ContextMode(StrEnum):
     """Also into the prompt, before the user's text (in-context retrieval), up to a token budget."""
 
 
+class AdaptationMode(StrEnum):
+    """How a request gets its adapter."""
+
+    TRAIN = "train"
+    """SIFT picks documents and a fresh LoRA is trained on them."""
+    MERGE = "merge"
+    """The index's expert adapters are weighed by the prompt and merged (`sift-serve experts build` first)."""
+    MERGE_TRAIN = "merge+train"
+    """The merged adapter is where SIFT training starts."""
+
+
 OWN_ENGINE_ARGS = {
     "model": "set by models.base_model",
     "max_model_len": "set generator.max_model_len",
@@ -45,7 +56,7 @@ OWN_ENGINE_ARGS = {
     "max_loras": "set generator.max_loras",
     "max_cpu_loras": "set generator.max_cpu_loras",
     "enable_lora": "always on (every adapted answer is a LoRA)",
-    "max_lora_rank": "follows trainer.rank",
+    "max_lora_rank": "follows trainer.rank and adaptation.merge_rank",
     "device": "set generator.device",
 }
 """vLLM engine arguments that sift-serve sets from its own settings, and where to set them instead."""
@@ -130,6 +141,9 @@ class AdaptationConfig(Strict):
     the same name (the request's `adaptation.<name>`), within `server.limits`."""
 
     enabled: bool = Field(True, description="test-time training unless a request opts out")
+    mode: AdaptationMode = Field(
+        AdaptationMode.TRAIN, description="train, merge (the index's experts), or merge+train (start from the merge)"
+    )
     method: Method = Method.SIFT
     lambda_: float = Field(0.01, ge=MIN_LAMBDA, alias="lambda")
     alpha: float | None = Field(
@@ -168,6 +182,20 @@ class AdaptationConfig(Strict):
     context_documents: int = Field(
         50, gt=0, le=1000, description="documents picked to fill the context (context: prepend)"
     )
+    merge_beta: float = Field(
+        0.2, gt=0, le=10, description="merging's kernel width: smaller trusts the nearest experts"
+    )
+    merge_threshold: float = Field(
+        0.01, ge=0, lt=1, description="tau: experts whose normalised weight is at most this are left out of a merge"
+    )
+    merge_experts: Annotated[int, Limited()] = Field(50, ge=1, description="M: most experts in one merge")
+    merge_rank: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="most rank of a merged adapter (above it, truncated through its factors; merge+train uses "
+        "trainer.rank); not a request option: the engine's LoRA buffers are sized for it",
+    )
 
 
 LIMITED = tuple(
@@ -188,6 +216,7 @@ class AdaptationLimits(Strict):
     max_train_tokens: int = Field(1024, ge=2, le=32768)
     n: int = Field(8, ge=1, le=128, description="most choices per request")
     context_tokens: int = Field(2048, ge=1, description="most prompt tokens prepended documents may add")
+    merge_experts: int = Field(64, ge=1, description="most experts one request may merge")
 
 
 class DeployConfig(Strict):
@@ -310,6 +339,11 @@ class Settings(BaseSettings):
     server: ServerConfig = Field(default_factory=ServerConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     index_path: Path | None = Field(None, description="index directory to serve (default: the stdlib index)")
+
+    @property
+    def max_adapter_rank(self) -> int:
+        """The largest LoRA rank the engine must load: trained adapters and merged ones."""
+        return max(self.trainer.rank, self.adaptation.merge_rank)
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Settings:

@@ -14,9 +14,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapters.merge import MergeOptions
 from adapters.spec import TrainSpec
 from selection.selector import SelectOptions
-from serving.config import LIMITED, ContextMode, Settings
+from serving.config import LIMITED, AdaptationMode, ContextMode, Settings
 
 if TYPE_CHECKING:
     from adapters.handle import AdapterBlob
@@ -37,6 +38,9 @@ class AdaptationSpec:
     """What adaptation one request gets, after defaults and limits."""
 
     enabled: bool
+    mode: AdaptationMode
+    merge: MergeOptions
+    """How experts are weighed and merged (used in merge and merge+train)."""
     selection: SelectOptions
     """How documents are picked: `max_steps` of them to train on, or `context_documents` to fill the
     context from."""
@@ -46,13 +50,18 @@ class AdaptationSpec:
     """Whether the stream carries `adaptation.progress` events before the first token."""
 
     @property
+    def merges(self) -> bool:
+        """Whether the adapter starts from a merge of the index's experts."""
+        return self.enabled and self.mode is not AdaptationMode.TRAIN
+
+    @property
     def selects(self) -> bool:
         """Whether this request runs selection: to train, or to fill its context."""
-        return self.enabled and (self.training.max_steps > 0 or self.context.mode is ContextMode.PREPEND)
+        return self.trains or (self.enabled and self.context.mode is ContextMode.PREPEND)
 
     @property
     def trains(self) -> bool:
-        return self.enabled and self.training.max_steps > 0
+        return self.enabled and self.mode is not AdaptationMode.MERGE and self.training.max_steps > 0
 
     @property
     def context_budget(self) -> int:
@@ -100,8 +109,21 @@ def resolve(options: AdaptationOptions | None, settings: Settings) -> Adaptation
         step_tokens=training.max_train_tokens,
         gain_budget=pick("gain_budget"),
     )
+    mode = pick("mode")
+    merge = MergeOptions(
+        beta=pick("merge_beta"),
+        threshold=pick("merge_threshold"),
+        max_experts=pick("merge_experts"),
+        rank=settings.trainer.rank if mode is AdaptationMode.MERGE_TRAIN else defaults.merge_rank,
+    )
     return AdaptationSpec(
-        enabled=pick("enabled"), selection=selection, training=training, context=context, progress=opts.progress
+        enabled=pick("enabled"),
+        mode=mode,
+        merge=merge,
+        selection=selection,
+        training=training,
+        context=context,
+        progress=opts.progress,
     )
 
 
@@ -111,6 +133,14 @@ class SelectQuery:
 
     prompt: str
     options: SelectOptions
+
+
+@dataclass(frozen=True)
+class MergeQuery:
+    """One prompt's merge of the index's experts, and how to weigh and cut it."""
+
+    prompt: str
+    options: MergeOptions
 
 
 TokenLogprobs = dict[int, float]

@@ -1,11 +1,13 @@
 """What happens to one request, in order: the immutable events the pipeline yields.
 
-    no selection:    AdaptationSkipped -> GenerationStarted -> Generated*
-    selection:       Selected -> [ContextFilled] -> (TrainStep* -> Trained | AdaptationFailed
-                                                     | AdaptationSkipped (max_steps 0: context only)
-                                                     | nothing (no document picked))
+    no adaptation:   AdaptationSkipped -> GenerationStarted -> Generated*
+    merge:           Merged -> [Selected -> ContextFilled] -> AdaptationSkipped -> GenerationStarted -> ...
+    selection:       [Merged (merge+train)] -> Selected -> [ContextFilled]
+                     -> (TrainStep* -> Trained | AdaptationFailed
+                         | AdaptationSkipped (max_steps 0: context only)
+                         | nothing (no document picked))
                      -> GenerationStarted -> Generated*
-    selection fails: AdaptationFailed -> GenerationStarted -> Generated*
+    merge or selection fails: AdaptationFailed -> GenerationStarted -> Generated*
 
 `AdaptationFailed` means the base model answers, and the report says why. The format layer folds these
 into the response and its `adaptation` report (`serving.report`); nothing downstream reads state the
@@ -16,10 +18,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adapters.merge import ExpertWeight
 from adapters.spec import TrainStep
 from selection.stopping import StopReason
 from serving.contracts import Chunk
 from serving.protocol import DocumentRef
+
+
+@dataclass(frozen=True)
+class Merged:
+    """The index's experts were merged for this prompt: these experts and weights, the merged adapter's rank
+    and its truncation error (the adapter travels with the request, not in the event)."""
+
+    experts: tuple[ExpertWeight, ...]
+    rank: int
+    relative_error: float
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -85,7 +99,8 @@ class Generated:
 
 
 Event = (
-    Selected
+    Merged
+    | Selected
     | ContextFilled
     | TrainStep
     | Trained

@@ -40,6 +40,7 @@ from serving.protocol import (
     TokenizeResponse,
     now,
 )
+from serving.services import experts_unavailable
 from serving.stream import collect, sse
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class OpenAIServer:
         self.created = now()
         self.metrics = metrics or PrometheusMetrics()
         self.pipeline = Pipeline(selector, trainer, generator, self.metrics)
+        self.merging_off = experts_unavailable(settings)
+        """Why `merge` modes are refused (None: the index's experts are there)."""
 
     # ---- small routes ----------------------------------------------------------------
 
@@ -117,6 +120,13 @@ class OpenAIServer:
             raise bad_request(f"n is {req.n}; this server allows at most {self.settings.server.limits.n}", "n")
         param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
         spec = resolve(req.adaptation, self.settings)
+        if spec.merges and self.merging_off is not None:
+            message = (
+                f"adaptation.mode {spec.mode} needs the index's expert adapters, and this server has none that fit "
+                "its index and model; the operator builds them with `sift-serve experts build` (then restarts), "
+                "or send adaptation.mode train"
+            )
+            raise bad_request(message, "adaptation.mode", "no_experts")
         context = spec.context_budget
         if context and getattr(req, "echo", False):
             raise bad_request(

@@ -1,4 +1,4 @@
-"""One request's flow: select -> train -> generate, as a stream of immutable events (`serving.events`).
+"""One request's flow: [merge] -> select -> train -> generate, as a stream of immutable events (`serving.events`).
 
 A `Job` is a request as the pipeline sees it: the resolved `AdaptationSpec`, the tokenised prompt, and (for
 in-context retrieval) the request's prompt `Renderer`, which `fit` calls off the event loop. The trainer
@@ -24,7 +24,7 @@ from selection.selector import SelectionResult
 from selection.stopping import StopReason
 from serving.clients import GeneratorAPI, SelectorAPI, TrainerAPI
 from serving.context import fit
-from serving.contracts import AdaptationSpec, GenerateRequest, Sampling, SelectQuery
+from serving.contracts import AdaptationSpec, GenerateRequest, MergeQuery, Sampling, SelectQuery
 from serving.errors import APIError
 from serving.events import (
     AdaptationFailed,
@@ -33,6 +33,7 @@ from serving.events import (
     Event,
     Generated,
     GenerationStarted,
+    Merged,
     Selected,
     Trained,
 )
@@ -89,7 +90,7 @@ class Pipeline:
     def check(self, job: Job) -> None:
         """Refuse now (`Unavailable`, 503) if a part this job needs has no running replica."""
         self.generator.check()
-        if job.spec.selects:
+        if job.spec.selects or job.spec.merges:
             self.selector.check()
         if job.spec.trains:
             self.trainer.check()
@@ -123,8 +124,24 @@ class Pipeline:
 
     async def _adapt(self, job: Job, lease: _Lease) -> AsyncGenerator[Event]:
         spec = job.spec
-        if not spec.selects:
+        if not spec.merges and not spec.selects:
             yield AdaptationSkipped(StopReason.DISABLED if not spec.enabled else StopReason.MAX_STEPS)
+            return
+        initial: AdapterBlob | None = None
+        if spec.merges:
+            try:
+                initial, merged = await self._merge(job)
+            except APIError:
+                raise
+            except Exception:
+                log.exception("merging failed")
+                yield AdaptationFailed("merging failed; answered by the base model")
+                return
+            yield merged
+            if not spec.trains:
+                lease.take(initial)
+        if not spec.selects:
+            yield AdaptationSkipped(StopReason.MAX_STEPS)
             return
         try:
             picked, seconds = await self._select(job)
@@ -140,20 +157,29 @@ class Pipeline:
             texts = [d.text for d in picked.documents]
             ids, used = await asyncio.to_thread(fit, texts, spec.context.tokens, job.render, len(job.prompt_ids))
             yield ContextFilled(used, tuple(ids), len(ids) - len(job.prompt_ids))
-        if spec.training.max_steps == 0:
+        if not spec.trains:
             yield AdaptationSkipped(StopReason.MAX_STEPS)
             return
         if not picked.documents:
+            lease.take(initial)  # merge+train with nothing to train on: the merge answers
             return
         request = TrainRequest(
             documents=tuple(d.text for d in picked.documents),
             spec=spec.training,
             documents_end=picked.stop_reason,
             request_id=job.request_id,
+            initial=initial,
         )
         async with aclosing(self._train(request, lease)) as events:
             async for event in events:
                 yield event
+
+    async def _merge(self, job: Job) -> tuple[AdapterBlob | None, Merged]:
+        started = time.monotonic()
+        merged = await self.selector.merge(MergeQuery(job.query, job.spec.merge))
+        seconds = time.monotonic() - started
+        self.metrics.stage("merge", seconds)
+        return merged.adapter, Merged(merged.experts, merged.rank, merged.relative_error, seconds)
 
     async def _select(self, job: Job) -> tuple[SelectionResult, float]:
         started = time.monotonic()

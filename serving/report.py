@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from adapters.spec import TrainStep
 from selection.stopping import StopReason
+from serving.config import AdaptationMode
 from serving.events import (
     AdaptationFailed,
     AdaptationSkipped,
@@ -16,17 +17,18 @@ from serving.events import (
     Event,
     Generated,
     GenerationStarted,
+    Merged,
     Selected,
     Trained,
 )
-from serving.protocol import AdaptationReport
+from serving.protocol import AdaptationReport, ExpertRef, MergeReport
 
 
 class ReportFold:
     """What adaptation did for one request, as its events arrive."""
 
-    def __init__(self, enabled: bool) -> None:
-        self._report = AdaptationReport(enabled=enabled)
+    def __init__(self, enabled: bool, mode: AdaptationMode = AdaptationMode.TRAIN) -> None:
+        self._report = AdaptationReport(enabled=enabled, mode=mode)
 
     def report(self) -> AdaptationReport:
         return self._report.model_copy(deep=True)
@@ -41,6 +43,10 @@ class ReportFold:
         match event:
             case AdaptationSkipped(stop_reason=reason):
                 r.stop_reason = reason
+            case Merged():
+                r.merge = merge_report(event)
+                r.adapter = bool(event.experts)
+                r.timings.merge = event.seconds
             case Selected():
                 r.documents = list(event.documents)
                 r.sigma2 = list(event.sigma2)
@@ -60,3 +66,9 @@ class ReportFold:
                 r.timings.generate = event.generate_seconds
             case TrainStep() | GenerationStarted():
                 pass
+
+
+def merge_report(event: Merged) -> MergeReport:
+    """A merge as responses report it."""
+    experts = [ExpertRef(expert=e.expert, weight=e.weight) for e in event.experts]
+    return MergeReport(experts=experts, rank=event.rank, relative_error=event.relative_error)

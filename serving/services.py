@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from adapters.experts import ExpertSet, Merged, NoExpertsError, unavailable
 from adapters.spec import TrainRequest, TrainResult, TrainStep
 from adapters.trainer import Trainer
 from infra.models import resolve_model
@@ -31,7 +32,7 @@ from selection.selector import SelectionResult, SelectOptions, Selector
 from selection.shards import LocalShard, Shard, ShardedIndex, load_index, shard_dir
 from selection.store import StoredChunk
 from serving.config import Settings
-from serving.contracts import Chunk, GenerateRequest, Readiness, SelectQuery
+from serving.contracts import Chunk, GenerateRequest, MergeQuery, Readiness, SelectQuery
 from serving.engines import make_generator
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,20 @@ log = logging.getLogger(__name__)
 
 def index_dir(settings: Settings) -> Path:
     return settings.index_path or default_index_dir(settings.models)
+
+
+def experts_unavailable(settings: Settings) -> str | None:
+    """Why the served index's experts cannot be merged (None: they can)."""
+    return unavailable(index_dir(settings), model_dir(settings))
+
+
+def load_experts(settings: Settings) -> ExpertSet | None:
+    """The served index's experts, or None (with the reason logged) when it has none that fit."""
+    reason = experts_unavailable(settings)
+    if reason is not None:
+        log.info("merging is off: %s", reason)
+        return None
+    return ExpertSet.load(index_dir(settings), model_dir(settings))
 
 
 def model_dir(settings: Settings) -> Path:
@@ -83,11 +98,22 @@ class SelectorService(InProcess):
     def __init__(self, settings: Settings, shards: list[Shard] | None = None) -> None:
         index, embedder = open_index(settings, shards)
         self.selector = Selector(index, embedder, settings.models.device)
+        self.experts = load_experts(settings)
         self._lock = asyncio.Lock()
         self._pending: list[tuple[SelectQuery, asyncio.Future]] = []
 
     async def ready(self) -> Readiness:
-        return Readiness(True, f"ready ({len(self.selector.index)} documents)")
+        experts = f", {len(self.experts)} experts" if self.experts is not None else ""
+        return Readiness(True, f"ready ({len(self.selector.index)} documents{experts})")
+
+    async def merge(self, query: MergeQuery) -> Merged:
+        """The index's experts merged for one prompt (`adapters.experts.ExpertSet.merge`)."""
+        if self.experts is None:
+            raise NoExpertsError("this index has no usable experts")
+        return await asyncio.to_thread(self._merge, self.experts, query)
+
+    def _merge(self, experts: ExpertSet, query: MergeQuery) -> Merged:
+        return experts.merge(self.selector.embedder.embed([query.prompt])[0], query.options)
 
     async def select(self, query: SelectQuery) -> SelectionResult:
         """The picks (with texts) and the variance trace for one prompt; see `Selector.select`."""
@@ -189,7 +215,7 @@ class GeneratorService(InProcess):
     """The answering engine (vLLM, or transformers as the fallback); `ray_metrics` under Ray Serve."""
 
     def __init__(self, settings: Settings, ray_metrics: bool = False) -> None:
-        self.generator = make_generator(model_dir(settings), settings.generator, settings.trainer.rank, ray_metrics)
+        self.generator = make_generator(model_dir(settings), settings.generator, settings.max_adapter_rank, ray_metrics)
 
     async def ready(self) -> Readiness:
         await self.generator.check_health()

@@ -10,17 +10,18 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from adapters.spec import TrainStep
-from serving.events import Event, Generated, GenerationStarted, Selected
+from serving.events import Event, Generated, GenerationStarted, Merged, Selected
 from serving.formats import ChatFormat, CompletionFormat, Output
 from serving.pipeline import Job
 from serving.protocol import (
     ChatCompletionResponse,
     CompletionResponse,
+    MergedEvent,
     SelectedEvent,
     TrainingEvent,
     UsageInfo,
 )
-from serving.report import ReportFold
+from serving.report import ReportFold, merge_report
 from serving.sse import sse_data, with_heartbeat
 
 
@@ -28,7 +29,7 @@ async def collect(
     events: AsyncGenerator[Event], job: Job, fmt: ChatFormat | CompletionFormat
 ) -> ChatCompletionResponse | CompletionResponse:
     """The whole response, once the pipeline is done."""
-    output, fold = Output.of(job.sampling.n), ReportFold(job.spec.enabled)
+    output, fold = Output.of(job.sampling.n), ReportFold(job.spec.enabled, job.spec.mode)
     async with aclosing(events) as stream:
         async for event in stream:
             fold.add(event)
@@ -48,7 +49,7 @@ async def sse(
     """The one SSE emitter: progress (when asked for), an opening chunk per choice, token chunks, usage,
     [DONE]; an SSE comment whenever the stream would otherwise stay silent for `heartbeat_s`. With
     `continuous_usage` (vLLM's continuous_usage_stats) the opening and token chunks carry usage so far."""
-    output, fold = Output.of(job.sampling.n), ReportFold(job.spec.enabled)
+    output, fold = Output.of(job.sampling.n), ReportFold(job.spec.enabled, job.spec.mode)
     progress = job.spec.progress
 
     def usage() -> UsageInfo:
@@ -59,7 +60,9 @@ async def sse(
             yield ": keep-alive\n\n"
             continue
         fold.add(event)
-        if isinstance(event, Selected) and progress:
+        if isinstance(event, Merged) and progress:
+            yield sse_data(fmt.chunk(adaptation=MergedEvent(**merge_report(event).model_dump())))
+        elif isinstance(event, Selected) and progress:
             documents, sigma2 = list(event.documents), list(event.sigma2)
             selected = SelectedEvent(documents=documents, sigma2=sigma2, stop_reason=event.stop_reason)
             yield sse_data(fmt.chunk(adaptation=selected))

@@ -34,7 +34,7 @@ def engine_lora_rank(adapter_rank: int) -> int:
     allowed = sorted(_allowed_ranks(LoRAConfig))
     fits = [r for r in allowed if r >= adapter_rank]
     if not fits:
-        raise ValueError(f"trainer.rank {adapter_rank} exceeds the largest LoRA rank vLLM supports ({allowed[-1]})")
+        raise ValueError(f"adapter rank {adapter_rank} exceeds the largest LoRA rank vLLM supports ({allowed[-1]})")
     return fits[0]
 
 

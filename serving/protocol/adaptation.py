@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from selection.rules import Method
 from selection.stopping import MIN_LAMBDA, StopReason
-from serving.config import ContextMode
+from serving.config import AdaptationMode, ContextMode
 from serving.protocol.base import _Strict
 
 
@@ -20,6 +20,9 @@ class AdaptationOptions(_Strict):
     """
 
     enabled: bool | None = None
+    mode: AdaptationMode | None = Field(
+        None, description="train, merge (the index's experts, no training) or merge+train (training starts there)"
+    )
     max_steps: int | None = Field(None, ge=0)
     min_gain: float | None = Field(
         None, ge=0, description="stop once a step removes less than this share of uncertainty per 1,000 tokens"
@@ -38,7 +41,10 @@ class AdaptationOptions(_Strict):
         None, description="prepend: the selected documents also go before the prompt (max_steps 0: only there)"
     )
     context_tokens: int | None = Field(None, ge=1, description="most prompt tokens the prepended documents add")
-    progress: bool = Field(False, description="stream `selected` and per-step events before the first token")
+    merge_beta: float | None = Field(None, gt=0, le=10, description="merging's kernel width")
+    merge_threshold: float | None = Field(None, ge=0, lt=1, description="merging's tau: lighter experts are left out")
+    merge_experts: int | None = Field(None, ge=1, description="most experts merged")
+    progress: bool = Field(False, description="stream `merged`, `selected` and per-step events before the first token")
 
 
 class DocumentRef(BaseModel):
@@ -50,10 +56,29 @@ class DocumentRef(BaseModel):
     source: str
 
 
+class ExpertRef(BaseModel):
+    """An expert adapter of the index in a merge, and its weight (a merge's weights sum to 1)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    expert: int
+    weight: float
+
+
+class MergeReport(BaseModel):
+    """What merging did: the experts and their weights, the merged adapter's rank, and the relative
+    Frobenius error of cutting it to that rank (0 when exact)."""
+
+    experts: list[ExpertRef] = Field(default_factory=list)
+    rank: int = 0
+    relative_error: float = 0.0
+
+
 class StageTimings(BaseModel):
     """Seconds spent in each stage of the request."""
 
     queue: float = 0.0
+    merge: float = 0.0
     select: float = 0.0
     train: float = 0.0
     load_adapter: float = 0.0
@@ -64,6 +89,8 @@ class AdaptationReport(BaseModel):
     """What test-time training did for this response (top-level `adaptation` object)."""
 
     enabled: bool = False
+    mode: AdaptationMode = AdaptationMode.TRAIN
+    merge: MergeReport | None = Field(None, description="set when the adapter started from a merge of experts")
     documents: list[DocumentRef] = Field(default_factory=list)
     sigma2: list[float] = Field(default_factory=list)
     steps: int = 0
@@ -77,6 +104,12 @@ class AdaptationReport(BaseModel):
     context_tokens: int = Field(0, description="prompt tokens the prepended documents added")
     timings: StageTimings = Field(default_factory=StageTimings)
     error: str | None = None
+
+
+class MergedEvent(MergeReport):
+    """Progress event: the experts merged for this prompt (merge and merge+train)."""
+
+    stage: Literal["merged"] = "merged"
 
 
 class SelectedEvent(BaseModel):
@@ -96,4 +129,4 @@ class TrainingEvent(BaseModel):
     loss: float
 
 
-ProgressEvent = Annotated[SelectedEvent | TrainingEvent, Field(discriminator="stage")]
+ProgressEvent = Annotated[MergedEvent | SelectedEvent | TrainingEvent, Field(discriminator="stage")]
