@@ -10,7 +10,8 @@
 # 3. selection_speed (SIFT and Faiss on the GPU), trainer_speed (max_batch 1/4/16, 1024-token windows,
 #             against the measured bf16 matmul peak), latency (the Ray Serve app with deploy/sift-serve.gpu.yaml,
 #             Trainer and Generator sharing the GPU, plus one request of the paper's protocol: up to 50 steps
-#             of 1024 tokens).
+#             of 1024 tokens), merge_latency (16 experts built over the default index, timed, then merge
+#             requests beside plain and trained ones).
 # Everything lands in benchmarks/results/gpu/ ($OUT when set): one JSON per benchmark, the pytest report,
 # gpu_check.log (every step's output) and summary.json; the summary is also printed. Idempotent (the venv
 # and the model are reused). Exit status non-zero when any step failed, timed out or did not run.
@@ -154,7 +155,7 @@ run() {
   : > "$STEPS"
   echo "sift-serve GPU check ($MODE): writing to $OUT_DIR, limit ${LIMIT_S} s" >&2
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$LOG" 2>&1 || true
-  local selection trainer latency
+  local selection trainer latency merge
   case $MODE in
     gpu)
       export MODEL=default
@@ -164,6 +165,8 @@ run() {
       trainer=(--device cuda --tokens 1024 --steps 4 --requests 16 --batches 1 4 16)
       latency=(--config deploy/sift-serve.gpu.yaml --concurrency 1 4 --requests-per-client 2 --max-tokens 64
         --no-direct --protocol-request '{"max_steps": 50, "max_train_tokens": 1024, "min_gain": 0}')
+      merge=(--config deploy/sift-serve.gpu.yaml --experts 16 --steps 4 --concurrency 1 4 --requests-per-client 2
+        --max-tokens 64 --modes plain merge train)
       ;;
     offline)
       export PYTHONPATH="/tmp/sift-serve-site:${PYTHONPATH:-}"
@@ -182,12 +185,14 @@ run() {
       trainer=(--device cpu --tokens 32 --steps 2 --requests 2 --batches 1 2)
       latency=(--concurrency 1 --requests-per-client 1 --max-tokens 8 --no-direct
         --protocol-request '{"max_steps": 2, "max_train_tokens": 64, "min_gain": 0}')
+      merge=(--experts 2 --steps 1 --concurrency 1 --requests-per-client 1 --max-tokens 8 --modes plain merge)
       # The GPU config with the CPU standing in: devices and GPU shares overridden through the environment.
       export SIFT_SERVE_MODELS__DEVICE=cpu SIFT_SERVE_TRAINER__DEVICE=cpu SIFT_SERVE_GENERATOR__DEVICE=cpu SIFT_SERVE_TRAINER__MAX_BATCH=2 \
         SIFT_SERVE_DEPLOY__SELECTOR__NUM_GPUS=0 SIFT_SERVE_DEPLOY__TRAINER__NUM_GPUS=0 \
         SIFT_SERVE_DEPLOY__GENERATOR__NUM_GPUS=0 SIFT_SERVE_DEPLOY__TRAINER__NUM_CPUS=0.5 \
         SIFT_SERVE_DEPLOY__GENERATOR__NUM_CPUS=0.5 SIFT_SERVE_GENERATOR__MAX_MODEL_LEN=2048
       latency=(--config deploy/sift-serve.gpu.yaml "${latency[@]}")
+      merge=(--config deploy/sift-serve.gpu.yaml "${merge[@]}")
       ;;
   esac
   step tests 240 gpu_tests
@@ -195,8 +200,10 @@ run() {
   step selection_speed 90 "$PY" -m benchmarks.selection_speed "${selection[@]}" --out "$OUT_DIR/selection_speed.json"
   if [ "$MODE" = offline ]; then
     NOTE="vLLM and Ray Serve cannot be carried to an offline machine" step latency 5 not_here "offline mode"
+    NOTE="vLLM and Ray Serve cannot be carried to an offline machine" step merge_latency 5 not_here "offline mode"
   else
     step latency 300 "$PY" -m benchmarks.latency "${latency[@]}" --out "$OUT_DIR/latency.json"
+    step merge_latency 180 "$PY" -m benchmarks.merge_latency "${merge[@]}" --out "$OUT_DIR/merge_latency.json"
   fi
   "$PY" -m benchmarks.gpu_summary "$OUT_DIR" --mode "$MODE" --limit-s "$LIMIT_S"
 }

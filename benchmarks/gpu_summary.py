@@ -123,6 +123,11 @@ def latency_figures(results: dict) -> dict[str, Any]:
     return figures
 
 
+def merge_figures(results: dict) -> dict[str, Any]:
+    modes = {mode: {c: r["e2e_p50"] for c, r in rows.items()} for mode, rows in results["modes"].items()}
+    return {"build_s": results["build"]["seconds"], "e2e_p50": modes, "targets": results["targets"]}
+
+
 def summarise(out_dir: Path, mode: str, limit_s: float) -> dict[str, Any]:
     steps = read_steps(out_dir / "steps.tsv")
     summary: dict[str, Any] = {
@@ -137,6 +142,7 @@ def summarise(out_dir: Path, mode: str, limit_s: float) -> dict[str, Any]:
         "selection_speed": selection_figures,
         "trainer_speed": trainer_figures,
         "latency": latency_figures,
+        "merge_latency": merge_figures,
     }
     for name, extract in figures.items():
         results = _load(out_dir / f"{name}.json")
@@ -179,6 +185,9 @@ def render(summary: dict[str, Any]) -> str:
         if p := lat.get("protocol_request"):
             stages = ", ".join(f"{k} {v:.1f}" for k, v in (p["timings"] or {}).items())
             lines.append(f"protocol request ({p['steps']} steps): {p['e2e']:.1f} s end to end ({stages})")
+    if merge := summary.get("merge_latency"):
+        for kind, row in merge["e2e_p50"].items():
+            lines.append(f"merge latency p50 {kind}: " + ", ".join(f"c={c}: {v:.2f} s" for c, v in row.items()))
     lines.append("PROBLEMS: " + "; ".join(summary["problems"]) if summary["problems"] else "all steps passed")
     return "\n".join(lines)
 

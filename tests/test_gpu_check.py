@@ -14,7 +14,7 @@ import pytest
 from benchmarks.gpu_summary import Status, read_steps, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["resolve", "setup", "model", "tests", "trainer_speed", "selection_speed", "latency"]
+STEPS = ["resolve", "setup", "model", "tests", "trainer_speed", "selection_speed", "latency", "merge_latency"]
 
 
 def gpu_pins() -> dict[str, str]:
@@ -66,5 +66,6 @@ def test_the_dry_run_passes_every_step(tmp_path):
     assert summary["resolve"]["torch"] is not None
     assert summary["trainer_speed"]["batches"].keys() == {"1", "2"}
     assert summary["latency"]["protocol_request"]["steps"] == 2
-    for name in ("trainer_speed", "selection_speed", "latency", "resolve", "summary"):
+    assert summary["merge_latency"]["e2e_p50"].keys() == {"plain", "merge"}
+    for name in ("trainer_speed", "selection_speed", "latency", "merge_latency", "resolve", "summary"):
         assert (tmp_path / f"{name}.json").is_file()

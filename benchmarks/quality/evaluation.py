@@ -10,12 +10,14 @@ per recipe (rank and adapted layers) is loaded when first needed; tokens per ste
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 
 from adapters.config import TrainerConfig
+from adapters.handle import AdapterBlob
 from adapters.spec import TrainRequest, TrainSpec, TrainStep
 from adapters.trainer import Trainer
 from benchmarks.bpb import continuation_token_bits
@@ -114,13 +116,15 @@ class Evaluator:
         recipe: Recipe,
         steps: int | None = None,
         seed: int = 0,
+        initial: AdapterBlob | None = None,
     ) -> Run:
         """Select `steps` (default the horizon) picks with `method`, train on them one step each with
-        `recipe`, and score after the steps in `score_at` and the last.
-        `seconds` is the training's wall time without the scoring."""
+        `recipe` (from `initial`'s weights when given: `base` is then that adapter's run), and score after
+        the steps in `score_at` and the last. `seconds` is the training's wall time without the scoring."""
         picked = self.pick(prompt, selector, method, steps or self.config.max_steps, seed)
         texts = [d.text for d in picked.documents]
-        key = order_key(json.dumps([prompt.id, texts, learning_rate, seed, recipe.name]))
+        start = hashlib.sha256(initial.weights).hexdigest() if initial is not None else None
+        key = order_key(json.dumps([prompt.id, texts, learning_rate, seed, recipe.name, *([start] if start else [])]))
         wanted = {s for s in score_at if s <= len(texts)} | {len(texts)}
         reused = self.runs.get(key)
         if reused is not None and reused.curve is not None and wanted <= {int(s) for s in reused.curve}:
@@ -129,7 +133,7 @@ class Evaluator:
         started = time.monotonic()
         curve = {"0": base.final}
         spec = TrainSpec(len(texts), learning_rate, recipe.train_tokens, time_budget_s=None, seed=seed)
-        request = TrainRequest(tuple(texts), spec)
+        request = TrainRequest(tuple(texts), spec, initial=initial)
         scoring = 0.0
 
         def after(done: TrainStep) -> None:
@@ -155,6 +159,13 @@ class Evaluator:
         )
         self.runs[key] = run
         return run
+
+    def adapter(self, prompt: Prompt, adapter: AdapterBlob, recipe: Recipe) -> Score:
+        """The score of a finished adapter (a merge of experts), loaded into `recipe`'s trainer (its rank
+        must hold the adapter's)."""
+        step = self.trainer(recipe).step
+        step.reset(0, seed=0, learning_rate=1.0, initial=adapter)
+        return self.score(prompt, step.use(0))
 
     def in_context(self, prompt: Prompt, texts: Sequence[str], ids: Sequence[str], budget: int, base: Run) -> Run:
         """The base model with `texts` (as many as fit `budget` prompt tokens) placed before the prompt."""
