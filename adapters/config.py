@@ -45,3 +45,9 @@ class TrainerConfig(Strict):
     max_batch: int = Field(4, gt=0, le=256, description="requests trained together in one forward/backward")
     max_waiting: int = Field(64, gt=0, description="requests that may wait for a slot before refusal")
     seed: int = Field(0, ge=0, lt=2**63, description="seeds each adapter's initialisation")
+    cache_bytes: int = Field(
+        256 * 2**20,
+        ge=0,
+        description="adapter weights kept to reuse identical training (same documents and options), least "
+        "recently used out first; 0: off",
+    )

@@ -89,3 +89,5 @@ class TrainResult:
     train_seconds: float = 0.0
     export_seconds: float = 0.0
     queue_seconds: float = 0.0
+    cached: bool = False
+    """The adapter came from the cache of identical training (`adapters.cache`): no step ran for it."""

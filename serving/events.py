@@ -44,6 +44,8 @@ class Selected:
     sigma2: tuple[float, ...]
     stop_reason: StopReason
     seconds: float
+    snippets: tuple[str, ...] = ()
+    """The start of each document's text (for the `selected` progress event)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class Trained:
     adapter: bool
     queue_seconds: float
     train_seconds: float
+    cached: bool = False
+    """The adapter came from the cache of identical training: no step ran for this request."""
     error: str | None = None
     """Set when the adapter was discarded (training diverged): the base model answers."""
 

@@ -1,11 +1,12 @@
-"""The server's own metrics: requests by route and status, seconds per stage, adaptation steps, live adapters.
+"""The server's own metrics: requests by route and status, seconds per stage, adaptation steps, live adapters,
+and the adapter cache's hits and misses.
 
-Two homes for the same four series. Under Ray Serve they are Ray metrics (`ray.serve.metrics`), which every
+Two homes for the same five series. Under Ray Serve they are Ray metrics (`ray.serve.metrics`), which every
 node's Ray exports to Prometheus with the replica's tags, so they add up across replicas and nodes
 (scraped as `ray_sift_requests_total`, `ray_sift_stage_seconds_bucket`, `ray_sift_adaptation_steps_total`,
-`ray_sift_adapters_live`, beside Ray Serve's and vLLM's own). Without Ray (one process) they live in a
-prometheus_client registry that the app serves at /metrics (`sift_requests_total`, ...). No label or value
-ever holds request text.
+`ray_sift_adapters_live`, `ray_sift_adapter_cache_total`, beside Ray Serve's and vLLM's own). Without Ray
+(one process) they live in a prometheus_client registry that the app serves at /metrics
+(`sift_requests_total`, ...). No label or value ever holds request text.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ _REQUESTS = ("sift_requests", "Requests by route and status")
 _STAGE = ("sift_stage_seconds", "Seconds per request stage (select, train, generate)")
 _STEPS = ("sift_adaptation_steps", "Test-time training steps")
 _LIVE = ("sift_adapters_live", "Adapters made and not yet released")
+_CACHE = ("sift_adapter_cache", "Trained adapters asked of the cache of identical training, by result (hit, miss)")
 
 
 class Metrics(Protocol):
@@ -30,6 +32,8 @@ class Metrics(Protocol):
 
     def adapters_live(self, delta: int) -> None: ...
 
+    def adapter_cache(self, hit: bool) -> None: ...
+
 
 class PrometheusMetrics:
     """The series in this process's own registry, exposed by the app at /metrics."""
@@ -42,6 +46,7 @@ class PrometheusMetrics:
         self._stage = Histogram(*_STAGE, ["stage"], registry=self.registry, buckets=STAGE_BUCKETS)
         self._steps = Counter(*_STEPS, registry=self.registry)
         self._live = Gauge(*_LIVE, registry=self.registry)
+        self._cache = Counter(*_CACHE, ["result"], registry=self.registry)
 
     def request(self, route: str, status: int) -> None:
         self._requests.labels(route, str(status)).inc()
@@ -54,6 +59,9 @@ class PrometheusMetrics:
 
     def adapters_live(self, delta: int) -> None:
         self._live.inc(delta)
+
+    def adapter_cache(self, hit: bool) -> None:
+        self._cache.labels("hit" if hit else "miss").inc()
 
     def exposition(self) -> bytes:
         from prometheus_client import generate_latest
@@ -71,6 +79,7 @@ class RayMetrics:
         self._stage = Histogram(_STAGE[0], description=_STAGE[1], boundaries=list(STAGE_BUCKETS), tag_keys=("stage",))
         self._steps = Counter(_STEPS[0], description=_STEPS[1])
         self._live = Gauge(_LIVE[0], description=_LIVE[1])
+        self._cache = Counter(_CACHE[0], description=_CACHE[1], tag_keys=("result",))
         self._live_value = 0
         self._live.set(0)
 
@@ -87,3 +96,6 @@ class RayMetrics:
     def adapters_live(self, delta: int) -> None:
         self._live_value += delta
         self._live.set(self._live_value)
+
+    def adapter_cache(self, hit: bool) -> None:
+        self._cache.inc(1, tags={"result": "hit" if hit else "miss"})

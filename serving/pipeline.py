@@ -42,6 +42,9 @@ from serving.protocol import DocumentRef
 
 log = logging.getLogger(__name__)
 
+SNIPPET_CHARS = 200
+"""The start of a picked document that the `selected` progress event shows."""
+
 Renderer = Callable[[Sequence[str]], list[int]]
 """The request's prompt ids with the given documents placed before the prompt."""
 
@@ -152,7 +155,8 @@ class Pipeline:
             yield AdaptationFailed("selection failed; answered by the base model")
             return
         documents = tuple(DocumentRef(id=d.id, source=d.source) for d in picked.documents)
-        yield Selected(documents, tuple(picked.sigma2), picked.stop_reason, seconds)
+        snippets = tuple(d.text[:SNIPPET_CHARS] for d in picked.documents)
+        yield Selected(documents, tuple(picked.sigma2), picked.stop_reason, seconds, snippets)
         if spec.context_budget and job.render is not None:
             texts = [d.text for d in picked.documents]
             ids, used = await asyncio.to_thread(fit, texts, spec.context.tokens, job.render, len(job.prompt_ids))
@@ -227,7 +231,10 @@ class Pipeline:
             adapter=result.adapter is not None,
             queue_seconds=result.queue_seconds,
             train_seconds=seconds,
+            cached=result.cached,
             error="training diverged (a non-finite loss); answered by the base model" if diverged else None,
         )
-        self.metrics.stage("train", seconds)
-        self.metrics.steps(result.steps)
+        self.metrics.adapter_cache(hit=result.cached)
+        if not result.cached:
+            self.metrics.stage("train", seconds)
+            self.metrics.steps(result.steps)

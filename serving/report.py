@@ -59,6 +59,7 @@ class ReportFold:
                 r.steps, r.losses, r.train_tokens = event.steps, list(event.losses), event.tokens
                 r.timings.queue, r.timings.train = event.queue_seconds, event.train_seconds
                 r.stop_reason, r.adapter, r.error = event.stop_reason, event.adapter, event.error
+                r.cached = event.cached
             case AdaptationFailed(error=error):
                 r.error, r.stop_reason, r.adapter = error, StopReason.ERROR, False
             case Generated():

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from adapters.cache import AdapterCache, cacheable
+from adapters.cache import key as cache_key
 from adapters.experts import ExpertSet, Merged, NoExpertsError, unavailable
 from adapters.spec import TrainRequest, TrainResult, TrainStep
 from adapters.trainer import Trainer
@@ -181,12 +183,27 @@ class TrainerService(InProcess):
 
     def __init__(self, settings: Settings) -> None:
         self.trainer = Trainer(model_dir(settings), settings.trainer)
+        self.cache = AdapterCache(settings.trainer.cache_bytes)
+        self._model = str(model_dir(settings))
 
     async def ready(self) -> Readiness:
         return Readiness(True, "ready")
 
     async def train(self, request: TrainRequest) -> AsyncGenerator[TrainStep | TrainResult]:
-        """Closing the stream early (a client disconnect) cancels the training within one step."""
+        """Closing the stream early (a client disconnect) cancels the training within one step. Identical
+        training (`adapters.cache`) is answered from the cache, without steps."""
+        name = cache_key(request, self.trainer.config, self._model)
+        cached = self.cache.get(request, name)
+        if cached is not None:
+            yield cached
+            return
+        async with aclosing(self._train(request)) as items:
+            async for item in items:
+                if isinstance(item, TrainResult) and cacheable(request, item):
+                    self.cache.put(name, item)
+                yield item
+
+    async def _train(self, request: TrainRequest) -> AsyncGenerator[TrainStep | TrainResult]:
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue[TrainStep] = asyncio.Queue()
 

@@ -17,6 +17,7 @@ from serving.protocol import (
     ChatCompletionResponse,
     CompletionResponse,
     MergedEvent,
+    PickedRef,
     SelectedEvent,
     TrainingEvent,
     UsageInfo,
@@ -63,8 +64,11 @@ async def sse(
         if isinstance(event, Merged) and progress:
             yield sse_data(fmt.chunk(adaptation=MergedEvent(**merge_report(event).model_dump())))
         elif isinstance(event, Selected) and progress:
-            documents, sigma2 = list(event.documents), list(event.sigma2)
-            selected = SelectedEvent(documents=documents, sigma2=sigma2, stop_reason=event.stop_reason)
+            documents = [
+                PickedRef(id=d.id, source=d.source, snippet=snippet)
+                for d, snippet in zip(event.documents, event.snippets, strict=True)
+            ]
+            selected = SelectedEvent(documents=documents, sigma2=list(event.sigma2), stop_reason=event.stop_reason)
             yield sse_data(fmt.chunk(adaptation=selected))
         elif isinstance(event, TrainStep) and progress:
             yield sse_data(fmt.chunk(adaptation=TrainingEvent(step=event.step, loss=event.loss)))

@@ -100,7 +100,7 @@ async def test_chat_with_and_without_adaptation(client, server):
     report = done.model_extra["adaptation"]
     assert report["enabled"] and report["adapter"] and report["steps"] == 2 and report["stop_reason"] == "max_steps"
     assert len(report["documents"]) == 2 and len(report["sigma2"]) == 3
-    assert set(report["timings"]) == {"queue", "select", "train", "load_adapter", "generate"}
+    assert set(report["timings"]) == {"queue", "merge", "select", "train", "load_adapter", "generate"}
     assert done.usage.completion_tokens == 5 and done.choices[0].finish_reason == "length"
     assert adapters_left(server) == [] and gauge(server) == 0
     plain = await client.chat.completions.create(

@@ -56,6 +56,12 @@ class DocumentRef(BaseModel):
     source: str
 
 
+class PickedRef(DocumentRef):
+    """A picked document in the `selected` progress event: its reference and the start of its text."""
+
+    snippet: str = Field(description="the document's first characters (at most 200), for display")
+
+
 class ExpertRef(BaseModel):
     """An expert adapter of the index in a merge, and its weight (a merge's weights sum to 1)."""
 
@@ -97,6 +103,9 @@ class AdaptationReport(BaseModel):
     train_tokens: int = Field(0, description="tokens trained on, summed over the steps (to bill and cap training)")
     stop_reason: StopReason = StopReason.DISABLED
     adapter: bool = False
+    cached: bool = Field(
+        False, description="the adapter came from the cache of identical training (same documents and options)"
+    )
     losses: list[float] = Field(default_factory=list)
     context: list[DocumentRef] = Field(
         default_factory=list, description="documents placed before the prompt (context: prepend), in order"
@@ -116,7 +125,7 @@ class SelectedEvent(BaseModel):
     """Progress event: the documents selection picked, before training starts."""
 
     stage: Literal["selected"] = "selected"
-    documents: list[DocumentRef]
+    documents: list[PickedRef]
     sigma2: list[float]
     stop_reason: StopReason
 
