@@ -203,7 +203,7 @@ run() {
     NOTE="vLLM and Ray Serve cannot be carried to an offline machine" step merge_latency 5 not_here "offline mode"
   else
     step latency 300 "$PY" -m benchmarks.latency "${latency[@]}" --out "$OUT_DIR/latency.json"
-    step merge_latency 180 "$PY" -m benchmarks.merge_latency "${merge[@]}" --out "$OUT_DIR/merge_latency.json"
+    step merge_latency 240 "$PY" -m benchmarks.merge_latency "${merge[@]}" --out "$OUT_DIR/merge_latency.json"
   fi
   "$PY" -m benchmarks.gpu_summary "$OUT_DIR" --mode "$MODE" --limit-s "$LIMIT_S"
 }

@@ -157,6 +157,12 @@ def summarise(results: dict, quality: Results, experts: list[int]) -> dict:
 
     base = reference(Label.BASE)
     train16, train8 = reference(Method.SIFT, TRAIN_STEPS), reference(Method.SIFT, TRAIN_STEPS // 2)
+    step_seconds = np.mean([reported[i][Method.SIFT].seconds / reported[i][Method.SIFT].steps for i in ids])
+
+    def prefill(label: str) -> float:
+        """Seconds the documents in context add to scoring the prompt (the extra prefill)."""
+        return float(np.mean([reported[i][label].final.seconds - reported[i][Label.BASE].final.seconds for i in ids]))
+
     out: dict = {
         "n": len(ids),
         "sources": len(set(sources)),
@@ -166,6 +172,12 @@ def summarise(results: dict, quality: Results, experts: list[int]) -> dict:
         "icl_sift_520": float(reference(Label.ICL_SIFT).mean()),
         "icl_equal_docs_32": float(reference(Label.ICL_EQUAL_DOCS).mean()),
         "train_16_gain": float((base - train16).mean()),
+        "compute_seconds": {
+            "train_16": float(TRAIN_STEPS * step_seconds),
+            "train_8": float(TRAIN_STEPS // 2 * step_seconds),
+            "icl_sift_520": prefill(Label.ICL_SIFT),
+            "icl_equal_docs_32": prefill(Label.ICL_EQUAL_DOCS),
+        },
         "by_experts": {},
     }
     p_values = {}
@@ -208,6 +220,41 @@ def summarise(results: dict, quality: Results, experts: list[int]) -> dict:
     return out
 
 
+def plot(summary: dict, path: Path) -> None:
+    """Quality against test-time compute, the modes as points (mean bpb of the new-knowledge prompts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    compute = summary["compute_seconds"]
+    points = [
+        ("base", 0.0, summary["base"]),
+        ("train, 8 steps", compute["train_8"], summary["train_8"]),
+        ("train, 16 steps", compute["train_16"], summary["train_16"]),
+        ("in context, 520 tokens", compute["icl_sift_520"], summary["icl_sift_520"]),
+        ("in context, 32 docs", compute["icl_equal_docs_32"], summary["icl_equal_docs_32"]),
+    ]
+    for e, row in summary["by_experts"].items():
+        points.append((f"merge, E={e}", row["merge_seconds"], row["merge"]))
+        points.append(
+            (f"merge+train 8, E={e}", row["merge_seconds"] + row["merge_train_seconds"], row["merge_train_8"])
+        )
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, x, y in points:
+        marker = "s" if label.startswith("merge") else ("^" if label.startswith("in context") else "o")
+        ax.scatter(max(x, 0.01), y, marker=marker, s=40)
+        ax.annotate(label, (max(x, 0.01), y), textcoords="offset points", xytext=(5, 3), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("test-time compute before answering, seconds per prompt (log; this CPU)")
+    ax.set_ylabel("bits per byte of the continuation (lower is better)")
+    ax.set_title(f"Adaptation modes on {summary['n']} new-knowledge prompts ({summary['sources']} sources)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, required=True)
@@ -216,6 +263,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="training steps per expert")
     parser.add_argument("--quality", type=Path, default=Path("benchmarks/results/quality-cpu.json"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/merge-quality-cpu.json"))
+    parser.add_argument("--summarise", action="store_true", help="only redo the summary and plot of --out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quality = Results.model_validate_json(args.quality.read_text())
@@ -227,12 +275,14 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=2))
 
     model = resolve_model("default", default_cache_dir())
-    for experts in args.experts:
-        build(args.index, model, experts, args.steps, results)
-        save()
-    evaluate(args, results, quality, save)
+    if not args.summarise:
+        for experts in args.experts:
+            build(args.index, model, experts, args.steps, results)
+            save()
+        evaluate(args, results, quality, save)
     results["summary"] = summarise(results, quality, args.experts)
     save()
+    plot(results["summary"], args.out.with_suffix(".png"))
     print(json.dumps(results["summary"], indent=2, default=str))
 
 

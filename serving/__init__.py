@@ -1,7 +1,8 @@
 """Serving: the OpenAI-compatible API (`protocol/` for the wire models, `app` for FastAPI, `openai_server`
-for the routes' logic), the request-level contract every layer shares (`contracts`: the resolved
-`AdaptationSpec` and `resolve`, `SelectQuery`, `GenerateRequest`, `Chunk`, `Readiness`), one request's
-select -> train -> generate flow as immutable events (`pipeline`, `events`) and the format layer that
+for the routes' logic, `playground/` for the static page that shows one request learning), the
+request-level contract every layer shares (`contracts`: the resolved `AdaptationSpec` and `resolve`,
+`SelectQuery`, `MergeQuery`, `GenerateRequest`, `Chunk`, `Readiness`), one request's
+[merge ->] select -> train -> generate flow as immutable events (`pipeline`, `events`) and the format layer that
 answers from them (`stream`, `report`, `formats`, `sse`), prompts and documents placed in them (`prompts`,
 `context`), the engines that answer (`engines/`), the plain services and the Ray Serve deployments around
 them (`services`, `deployments`, one per index shard when the index is sharded), the typed service
