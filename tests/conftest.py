@@ -13,6 +13,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests repeat identical requests to see training happen (steps, progress, cancels); the adapter cache
+# would answer the repeats without training. It is off here unless a test turns it on (tests/test_cache.py).
+os.environ.setdefault("SIFT_SERVE_TRAINER__CACHE_BYTES", "0")
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SMALL_CORPUS_FILES = ["glob.py", "fnmatch.py", "shlex.py", "csv.py", "bisect.py", "heapq.py"]

@@ -81,6 +81,7 @@ def server(tmp_path_factory, small_index):
         tiny,
         small_index.directory,
         adaptation={"candidates": 20, "max_steps": 2, "max_train_tokens": 32},
+        trainer={"cache_bytes": 2**28},  # on, as by default (the suite turns it off: tests/conftest.py)
         generator={"max_model_len": 256, "default_max_tokens": 4, "adapter_dir": str(tmp_path_factory.mktemp("a"))},
     )
     return local_server(settings)
