@@ -28,6 +28,7 @@ from adapters.config import TrainerConfig
 from adapters.handle import AdapterBlob
 from adapters.lora_bank import LoRABank
 from adapters.slot_adamw import SlotAdamW
+from adapters.state import SlotState
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -85,6 +86,23 @@ class BatchedStep:
             self.bank.load(slot, initial.tensors(), initial.scaling)
         self.optimizer.reset(slot, learning_rate, self.config.weight_decay)
 
+    def snapshot(self, slot: int) -> SlotState:
+        """`slot`'s adapter and optimizer as they stand (copies), to resume later with `restore`."""
+        first, second, steps = self.optimizer.moments(slot)
+        return SlotState(self.bank.tensors(slot), first, second, steps)
+
+    def restore(self, slot: int, state: SlotState, learning_rate: float) -> None:
+        """`slot` continues the training saved in `state` (its weights and AdamW state), at `learning_rate`."""
+        self.bank.reset(slot, 0)
+        self.bank.load(slot, state.weights, self.bank.scaling)
+        self.optimizer.restore(
+            slot, (state.exp_avg, state.exp_avg_sq, state.steps), learning_rate, self.config.weight_decay
+        )
+
+    def blob(self, weights: dict[str, torch.Tensor]) -> AdapterBlob:
+        """Weights in this trainer's shape (a saved state's) as a PEFT adapter in bytes."""
+        return AdapterBlob.of(weights, self._adapter_config_json)
+
     def tokens(self, text: str, max_tokens: int) -> torch.Tensor:
         """`text` as token ids, truncated to `max_tokens`."""
         ids = self.tokenizer(text, truncation=True, max_length=max_tokens, return_tensors="pt").input_ids[0]
@@ -107,7 +125,7 @@ class BatchedStep:
 
     def export(self, slot: int) -> AdapterBlob:
         """Slot `slot` as a PEFT adapter in bytes (what PeftModel.save_pretrained would write)."""
-        return AdapterBlob.of(self.bank.tensors(slot), self._adapter_config_json)
+        return self.blob(self.bank.tensors(slot))
 
     def finite(self, slot: int) -> bool:
         """Whether every weight of `slot` is finite."""

@@ -37,6 +37,27 @@ class SlotAdamW:
             v[slot].zero_()
         self.steps[slot], self.lr[slot], self.weight_decay[slot] = 0, lr, weight_decay
 
+    def moments(self, slot: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], int]:
+        """`slot`'s first and second moments (copies, one per parameter) and its step count."""
+        first = tuple(m[slot].detach().clone() for m in self.exp_avg)
+        second = tuple(v[slot].detach().clone() for v in self.exp_avg_sq)
+        return first, second, self.steps[slot]
+
+    @torch.no_grad()
+    def restore(
+        self,
+        slot: int,
+        moments: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], int],
+        lr: float,
+        weight_decay: float,
+    ) -> None:
+        """`slot` continues an optimizer saved by `moments`, at `lr`."""
+        first, second, steps = moments
+        for m, v, saved_m, saved_v in zip(self.exp_avg, self.exp_avg_sq, first, second, strict=True):
+            m[slot].copy_(saved_m)
+            v[slot].copy_(saved_v)
+        self.steps[slot], self.lr[slot], self.weight_decay[slot] = steps, lr, weight_decay
+
     @torch.no_grad()
     def step(self, slots: list[int]) -> None:
         """One AdamW step for each slot in `slots`, from the parameters' gradient rows."""

@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from selection.selector import GivenDocument
 from selection.stopping import StopReason
 
 if TYPE_CHECKING:
     from adapters.handle import AdapterBlob
+    from adapters.state import SlotState
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,15 @@ class TrainRequest:
     """The serving request this training is for (in log lines)."""
     initial: AdapterBlob | None = None
     """Training starts from this adapter (a merge of experts) instead of a fresh one."""
+    resume: SlotState | None = None
+    """Training continues this saved state (a conversation's adapter and optimizer) instead of starting."""
+    keep_state: bool = False
+    """Hand the final state back in the result (`TrainResult.state`), to resume in a later turn."""
+    session: str | None = None
+    """The conversation this is a turn of (its namespaced key): the Trainer's service resumes the session's
+    state and keeps the new one."""
+    picked: tuple[GivenDocument, ...] = ()
+    """The documents' index rows and embeddings (what the session records for the next turn's selection)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.documents, str) or any(not isinstance(d, str) for d in self.documents):
@@ -91,3 +102,5 @@ class TrainResult:
     queue_seconds: float = 0.0
     cached: bool = False
     """The adapter came from the cache of identical training (`adapters.cache`): no step ran for it."""
+    state: SlotState | None = None
+    """The final training state, when the request asked to keep it and was not cancelled or diverged."""

@@ -166,8 +166,11 @@ class Trainer:
             job.started = time.monotonic()
             self._active.append(job)
             try:
-                spec = job.request.spec
-                self.step.reset(job.slot, spec.seed, spec.learning_rate, job.request.initial)
+                spec, request = job.request.spec, job.request
+                if request.resume is not None:
+                    self.step.restore(job.slot, request.resume, spec.learning_rate)
+                else:
+                    self.step.reset(job.slot, spec.seed, spec.learning_rate, request.initial)
             except Exception as exc:
                 self._fail(job, exc)
 
@@ -193,12 +196,14 @@ class Trainer:
     def _finish(self, job: _Job, reason: StopReason) -> None:
         """`job` leaves the batch: export its adapter now (unless cancelled or untrained), free its slot."""
         train_seconds = time.monotonic() - (job.started or job.arrived)
-        adapter, export_seconds = None, 0.0
+        adapter, export_seconds, state = None, 0.0, None
         try:
             if job.losses and reason not in (StopReason.CANCELLED, StopReason.DIVERGED):
                 if self.step.finite(job.slot):
                     started = time.monotonic()
                     adapter = self.step.export(job.slot)
+                    if job.request.keep_state:
+                        state = self.step.snapshot(job.slot)
                     export_seconds = time.monotonic() - started
                 else:
                     log.warning("%s: the adapter has non-finite weights; discarded", job.request.request_id)
@@ -216,6 +221,7 @@ class Trainer:
             train_seconds=train_seconds,
             export_seconds=export_seconds,
             queue_seconds=(job.started or job.arrived) - job.arrived,
+            state=state,
         )
         _settle(job.future, result)
 

@@ -109,6 +109,7 @@ def select_batch(
     keys: Sequence[Sequence[Hashable]] | None = None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    given: Sequence[int] | None = None,
 ) -> list[Selection]:
     """Select up to `n` candidates for each of B prompts at once.
 
@@ -119,6 +120,11 @@ def select_batch(
     rule is not returned. `keys` (per prompt, per candidate) define duplicates for `nn_f`;
     `seed` drives `random`. The arithmetic runs on the candidates' device in `dtype` (default: the
     embeddings' own dtype; float64 inputs get float64 throughout).
+
+    `given[b]`: prompt b's first `given[b]` candidates are already selected (documents an adapter was
+    trained on in an earlier turn): the kernel is conditioned on them before the first pick, so the picks are
+    what is still informative given them, and `sigma2[0]` is the variance after them. They stay candidates:
+    a pick below `given[b]` repeats one of them.
     """
     method = Method.parse(method)
     _check_scalars(n, lambda_, alpha, min_step_gain)
@@ -132,11 +138,17 @@ def select_batch(
         t_pad, t_mask = t_pad.to(c_pad), t_mask.to(c_pad.device)
     embedding_dtype = torch.promote_types(t_dtype, c_dtype)
     device = c_pad.device
-    kernel = ConditionedKernel(
-        t_pad, t_mask, c_pad, c_mask, lambda_=lambda_, max_picks=n, embedding_dtype=embedding_dtype
-    )
-    rule = make_rule(method, kernel, keys, seed)
     batch = c_pad.shape[0]
+    counts_given = torch.tensor(list(given) if given is not None else [0] * batch, device=c_pad.device)
+    if len(counts_given) != batch or bool((counts_given < 0).any()) or bool((counts_given > c_mask.sum(1)).any()):
+        raise ValueError("given must hold, per prompt, a count between 0 and its number of candidates")
+    prior_picks = int(counts_given.max()) if batch else 0
+    kernel = ConditionedKernel(
+        t_pad, t_mask, c_pad, c_mask, lambda_=lambda_, max_picks=n + prior_picks, embedding_dtype=embedding_dtype
+    )
+    rule = make_rule(method, kernel, keys, seed)  # fixed-order rules rank by the unconditioned kernel
+    for t in range(prior_picks):  # the documents already trained on enter the selected set first
+        kernel.condition(torch.full((batch,), t, device=c_pad.device), counts_given > t)
     active = torch.ones(batch, dtype=torch.bool, device=device)
     stopped_by = {StopReason.MIN_GAIN: torch.zeros_like(active), StopReason.ALPHA: torch.zeros_like(active)}
     prior = kernel.variance().clone()

@@ -52,6 +52,15 @@ class SelectOptions:
 
 
 @dataclass(frozen=True)
+class GivenDocument:
+    """A document already selected for this prompt's conversation (an adapter was trained on it): its index
+    row and its embedding, so that selection conditions on it."""
+
+    row: int
+    vector: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class PickedDocument:
     rank: int
     row: int
@@ -64,6 +73,11 @@ class PickedDocument:
     sigma2: float
     """Posterior variance of the prompt after this pick."""
     text: str
+    vector: tuple[float, ...] = ()
+    """The document's embedding (what a later turn conditions on)."""
+
+    def given(self) -> GivenDocument:
+        return GivenDocument(self.row, self.vector)
 
 
 @dataclass(frozen=True)
@@ -77,10 +91,11 @@ class SelectionResult:
     repeats: int
 
     def to_dict(self) -> dict:
-        """Everything but the documents' texts (for printing)."""
+        """Everything but the documents' texts and vectors (for printing)."""
         out = asdict(self)
         for doc in out["documents"]:
             doc.pop("text")
+            doc.pop("vector")
         return out
 
 
@@ -94,21 +109,31 @@ class Selector:
         self.embedder = embedder
         self.device = resolve_device(device)
 
-    def select(self, prompts: Sequence[str], options: SelectOptions) -> list[SelectionResult]:
+    def select(
+        self,
+        prompts: Sequence[str],
+        options: SelectOptions,
+        given: Sequence[Sequence[GivenDocument]] | None = None,
+    ) -> list[SelectionResult]:
         """Pick up to `options.n` documents for each prompt among its `options.candidates` nearest by |cos|;
         stop early where a step no longer pays for itself (`options.min_gain`), by the paper's `alpha`
         rule, or where the prompt's predicted gain does not justify more steps (`options.gain_budget`;
-        `selection.stopping`). Each rule that is set may stop; the earliest stop wins."""
+        `selection.stopping`). Each rule that is set may stop; the earliest stop wins. With `given` (per
+        prompt), selection conditions on those documents first (a conversation's earlier picks): the picks
+        are what is still informative given them, and the variance trace starts after them."""
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError("every prompt must be a non-empty string")
         queries = self.embedder.embed(list(prompts))
         found = self.index.search(queries, options.candidates)
+        given = given if given is not None else [()] * len(prompts)
         targets, cand_sets, row_sets = [], [], []
         for b in range(len(prompts)):
             valid = found.rows[b] >= 0
-            rows = found.rows[b][valid]
+            earlier = np.array([g.vector for g in given[b]], dtype=found.vectors.dtype).reshape(-1, self.index.dim)
+            rows = np.concatenate([np.array([g.row for g in given[b]], dtype=found.rows.dtype), found.rows[b][valid]])
+            vectors = np.concatenate([earlier, found.vectors[b][valid]])
             targets.append(torch.from_numpy(queries[b]).to(self.device))
-            cand_sets.append(torch.from_numpy(np.ascontiguousarray(found.vectors[b][valid])).to(self.device))
+            cand_sets.append(torch.from_numpy(np.ascontiguousarray(vectors)).to(self.device))
             row_sets.append(rows)
         # NN-F's duplicates are identical texts, recognised by the store's text hashes.
         keys = None
@@ -124,6 +149,7 @@ class Selector:
             min_step_gain=None if options.min_gain is None else step_threshold(options.min_gain, options.step_tokens),
             keys=keys,
             seed=options.seed,
+            given=[len(g) for g in given],
         )
         results = []
         for b, sel in enumerate(selections):
@@ -145,6 +171,7 @@ class Selector:
                     similarity=float(sims[i]),
                     sigma2=float(trace[i + 1]),
                     text=c.text,
+                    vector=tuple(cand_sets[b][picks[i]].tolist()),
                 )
                 for i, c in enumerate(chunks)
             ]
@@ -154,7 +181,7 @@ class Selector:
                     sigma2=trace,
                     stop_reason=reason,
                     method=options.method,
-                    candidates=len(row_sets[b]),
+                    candidates=len(row_sets[b]) - len(given[b]),
                     repeats=sel.repeats,
                 )
             )

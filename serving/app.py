@@ -10,6 +10,7 @@ Ingress builds it around its server) and directly under uvicorn.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 from collections.abc import AsyncIterator
@@ -39,6 +40,7 @@ from serving.protocol import (
     ErrorResponse,
     HealthResponse,
     ModelList,
+    SessionDeleted,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
@@ -142,20 +144,25 @@ class AuthMiddleware:
     def _public(self, path: str) -> bool:
         return path in self.public or path.startswith(self.public_prefixes)
 
-    def _authorised(self, scope: Scope) -> bool:
+    def _authorised(self, given: bytes) -> bool:
         keys = self.server.api_keys
         if not keys:
             return True
-        header = Headers(scope=scope).get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        given = token.strip().encode() if scheme.lower() == "bearer" else b""
         matches = [hmac.compare_digest(given, key.encode()) for key in keys]  # no early exit
         return any(matches)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self._public(scope["path"]) and not self._authorised(scope):
-            error = APIError(401, "Incorrect or missing API key.", "authentication_error", code="invalid_api_key")
-            return await _send_error(send, error, {"WWW-Authenticate": "Bearer"})
+        if scope["type"] == "http":
+            header = Headers(scope=scope).get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            given = token.strip().encode() if scheme.lower() == "bearer" else b""
+            if not self._public(scope["path"]) and not self._authorised(given):
+                error = APIError(401, "Incorrect or missing API key.", "authentication_error", code="invalid_api_key")
+                return await _send_error(send, error, {"WWW-Authenticate": "Bearer"})
+            # The caller's namespace (for its sessions): a hash of its key, never the key; one shared
+            # namespace where the server has no keys.
+            caller = hashlib.sha256(given).hexdigest()[:32] if self.server.api_keys else ""
+            scope.setdefault("state", {})["caller"] = caller
         await self.app(scope, receive, send)
 
 
@@ -220,7 +227,7 @@ def create_app(server: OpenAIServer, behind_serve_proxy: bool = False) -> FastAP
     async def generate(request: Request, body: ChatCompletionRequest | CompletionRequest, route) -> Response:
         if body.ignored_fields:
             log.warning("ignoring unsupported request fields: %s", loggable_names(body.ignored_fields))
-        result = await route(body, request.state.request_id)
+        result = await route(body, request.state.request_id, request.state.caller)
         count(request, 200)
         if isinstance(result, AsyncIterator):
             return StreamingResponse(_guarded(result), media_type="text/event-stream")
@@ -245,6 +252,10 @@ def create_app(server: OpenAIServer, behind_serve_proxy: bool = False) -> FastAP
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         return await server.detokenize(body)
+
+    @app.delete("/v1/adaptation/sessions/{session_id}", response_model=SessionDeleted, responses=_ERRORS)
+    async def delete_session(session_id: str, request: Request) -> SessionDeleted:
+        return await server.delete_session(request.state.caller, session_id)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def models() -> ModelList:

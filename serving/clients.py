@@ -28,7 +28,7 @@ from selection.index import Candidates
 from selection.selector import SelectionResult
 from selection.store import StoredChunk
 from serving.availability import Overloaded, ServeAvailability, Unavailable
-from serving.contracts import Chunk, GenerateRequest, MergeQuery, Readiness, SelectQuery
+from serving.contracts import Chunk, GenerateRequest, MergeQuery, Readiness, SelectQuery, SessionTurn
 
 
 class Service(Protocol):
@@ -50,6 +50,14 @@ class SelectorAPI(Service, Protocol):
 class TrainerAPI(Service, Protocol):
     def train(self, request: TrainRequest) -> AsyncGenerator[TrainStep | TrainResult]:
         """A `TrainStep` after each step, then the `TrainResult`; closing the stream cancels the training."""
+        ...
+
+    async def session(self, key: str) -> SessionTurn:
+        """Where conversation `key` stands as a turn starts."""
+        ...
+
+    async def drop_session(self, key: str) -> bool:
+        """Delete conversation `key`; whether it existed."""
         ...
 
 
@@ -140,9 +148,23 @@ class SelectorHandle(HandleClient):
 
 
 class TrainerHandle(HandleClient):
+    """Calls about a conversation carry its key as Ray Serve's multiplexed model id, so its turns reach the
+    replica that holds its state (Serve routes an id to a replica that has served it)."""
+
     def train(self, request: TrainRequest) -> AsyncGenerator[TrainStep | TrainResult]:
         self.check()
-        return self._items(self.streaming.train.remote(request))
+        handle = self.streaming
+        if request.session is not None:
+            handle = handle.options(multiplexed_model_id=request.session)
+        return self._items(handle.train.remote(request))
+
+    async def session(self, key: str) -> SessionTurn:
+        self.check()
+        return await self._result(self.handle.options(multiplexed_model_id=key).session.remote(key))
+
+    async def drop_session(self, key: str) -> bool:
+        self.check()
+        return await self._result(self.handle.options(multiplexed_model_id=key).drop_session.remote(key))
 
 
 class GeneratorHandle(HandleClient):

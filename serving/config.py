@@ -247,6 +247,16 @@ class DeployConfig(Strict):
         return self
 
 
+class SessionsConfig(Strict):
+    """Conversations that keep their adapter between turns (`adaptation.session`), held by the Trainer."""
+
+    ttl_s: float = Field(900.0, gt=0, description="a session unused this long is dropped")
+    max_bytes: int = Field(
+        512 * 2**20, ge=0, description="sessions' training state kept per Trainer replica, least recently used out"
+    )
+    max_turns: int = Field(32, ge=1, description="a session that took this many turns starts over")
+
+
 class ServerConfig(Strict):
     """The HTTP front and the Ray Serve application."""
 
@@ -259,6 +269,7 @@ class ServerConfig(Strict):
     metrics_public: bool = Field(False, description="serve /metrics without an API key")
     served_model_name: str | None = Field(None, description="model id clients send (default: model dir name)")
     limits: AdaptationLimits = Field(default_factory=AdaptationLimits)
+    sessions: SessionsConfig = Field(default_factory=SessionsConfig)
     retry_after_s: float = Field(
         1.0,
         ge=0,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapters.merge import MergeOptions
 from adapters.spec import TrainSpec
-from selection.selector import SelectOptions
+from selection.selector import GivenDocument, SelectOptions
 from serving.config import LIMITED, AdaptationMode, ContextMode, Settings
 
 if TYPE_CHECKING:
@@ -34,6 +34,19 @@ class ContextSpec:
 
 
 @dataclass(frozen=True)
+class SessionRef:
+    """A conversation: the id its client sent, and the key the Trainer keeps it under (namespaced by the
+    caller's API key, so no caller reaches another's session whatever id it sends)."""
+
+    id: str
+    key: str
+
+    @classmethod
+    def of(cls, caller: str, session: str) -> SessionRef:
+        return cls(session, f"{caller}/{session}")
+
+
+@dataclass(frozen=True)
 class AdaptationSpec:
     """What adaptation one request gets, after defaults and limits."""
 
@@ -48,6 +61,8 @@ class AdaptationSpec:
     context: ContextSpec
     progress: bool
     """Whether the stream carries `adaptation.progress` events before the first token."""
+    session: SessionRef | None = None
+    """The conversation this request is a turn of (its id namespaced by the caller)."""
 
     @property
     def merges(self) -> bool:
@@ -69,9 +84,10 @@ class AdaptationSpec:
         return self.context.tokens if self.enabled and self.context.mode is ContextMode.PREPEND else 0
 
 
-def resolve(options: AdaptationOptions | None, settings: Settings) -> AdaptationSpec:
+def resolve(options: AdaptationOptions | None, settings: Settings, caller: str = "") -> AdaptationSpec:
     """The request's adaptation within the server's limits: a 400 naming the limit for an option above it,
-    and for `enabled: true` where the operator switched adaptation off."""
+    for `enabled: true` where the operator switched adaptation off, and for a session without training.
+    `caller` namespaces the session (the hash of the API key the request came with)."""
     from serving.errors import bad_request  # the wire models import this module's types
     from serving.protocol import AdaptationOptions
 
@@ -116,7 +132,7 @@ def resolve(options: AdaptationOptions | None, settings: Settings) -> Adaptation
         max_experts=pick("merge_experts"),
         rank=settings.trainer.rank if mode is AdaptationMode.MERGE_TRAIN else defaults.merge_rank,
     )
-    return AdaptationSpec(
+    spec = AdaptationSpec(
         enabled=pick("enabled"),
         mode=mode,
         merge=merge,
@@ -124,7 +140,13 @@ def resolve(options: AdaptationOptions | None, settings: Settings) -> Adaptation
         training=training,
         context=context,
         progress=opts.progress,
+        session=SessionRef.of(caller, opts.session) if opts.session is not None else None,
     )
+    if spec.session is not None and not spec.trains:
+        message = "adaptation.session carries a trained adapter between turns: it needs training (mode train or "
+        message += "merge+train, max_steps above 0, adaptation enabled)"
+        raise bad_request(message, "adaptation.session", "session_without_training")
+    return spec
 
 
 @dataclass(frozen=True)
@@ -133,6 +155,19 @@ class SelectQuery:
 
     prompt: str
     options: SelectOptions
+    given: tuple[GivenDocument, ...] = ()
+    """Documents already trained on in this conversation: selection conditions on them first."""
+
+
+@dataclass(frozen=True)
+class SessionTurn:
+    """What the Trainer holds for a conversation as a turn starts: its turn number (1: fresh), the
+    documents trained on so far, the steps they took, and why it starts fresh (None: it continues)."""
+
+    turn: int
+    documents: tuple[GivenDocument, ...]
+    steps: int
+    fresh: str | None
 
 
 @dataclass(frozen=True)

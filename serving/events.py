@@ -2,7 +2,7 @@
 
     no adaptation:   AdaptationSkipped -> GenerationStarted -> Generated*
     merge:           Merged -> [Selected -> ContextFilled] -> AdaptationSkipped -> GenerationStarted -> ...
-    selection:       [Merged (merge+train)] -> Selected -> [ContextFilled]
+    selection:       [SessionOpened] [Merged (merge+train)] -> Selected -> [ContextFilled]
                      -> (TrainStep* -> Trained | AdaptationFailed
                          | AdaptationSkipped (max_steps 0: context only)
                          | nothing (no document picked))
@@ -34,6 +34,17 @@ class Merged:
     rank: int
     relative_error: float
     seconds: float
+
+
+@dataclass(frozen=True)
+class SessionOpened:
+    """This request is turn `turn` of conversation `id`: its adapter starts from `carried_steps` steps of
+    earlier turns (0 and `fresh` set when the session starts over: new, expired or max_turns)."""
+
+    id: str
+    turn: int
+    carried_steps: int
+    fresh: str | None
 
 
 @dataclass(frozen=True)
@@ -103,7 +114,8 @@ class Generated:
 
 
 Event = (
-    Merged
+    SessionOpened
+    | Merged
     | Selected
     | ContextFilled
     | TrainStep

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from serving.clients import GeneratorAPI, SelectorAPI, Service, TrainerAPI
 from serving.config import Settings
-from serving.contracts import Readiness, SamplingDefaults, resolve
+from serving.contracts import Readiness, SamplingDefaults, SessionRef, resolve
 from serving.errors import APIError, bad_request
 from serving.formats import ChatFormat, CompletionFormat
 from serving.metrics import Metrics, PrometheusMetrics
@@ -34,6 +34,7 @@ from serving.protocol import (
     HealthResponse,
     ModelCard,
     ModelList,
+    SessionDeleted,
     StreamOptions,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
@@ -114,12 +115,17 @@ class OpenAIServer:
         return self.prompts.completion(req.text(), documents)
 
     def _job(
-        self, req: ChatCompletionRequest | CompletionRequest, request_id: str, prompt_ids: list[int], default_max: int
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        request_id: str,
+        prompt_ids: list[int],
+        default_max: int,
+        caller: str = "",
     ) -> Job:
         if req.n > self.settings.server.limits.n:
             raise bad_request(f"n is {req.n}; this server allows at most {self.settings.server.limits.n}", "n")
         param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
-        spec = resolve(req.adaptation, self.settings)
+        spec = resolve(req.adaptation, self.settings, caller)
         if spec.merges and self.merging_off is not None:
             message = (
                 f"adaptation.mode {spec.mode} needs the index's expert adapters, and this server has none that fit "
@@ -204,18 +210,28 @@ class OpenAIServer:
     # ---- routes ------------------------------------------------------------------------------------
 
     async def chat(
-        self, req: ChatCompletionRequest, request_id: str = ""
+        self, req: ChatCompletionRequest, request_id: str = "", caller: str = ""
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         self.check_model(req.model)
         prompt_ids = await asyncio.to_thread(self._chat_prompt_ids, req)
-        job = self._job(req, request_id, prompt_ids, self.settings.generator.default_max_tokens)
+        job = self._job(req, request_id, prompt_ids, self.settings.generator.default_max_tokens, caller)
         return await self._respond(job, ChatFormat(self.tokenizer, self.model_name, job, req), req)
 
-    async def completion(self, req: CompletionRequest, request_id: str = "") -> CompletionResponse | AsyncIterator[str]:
+    async def completion(
+        self, req: CompletionRequest, request_id: str = "", caller: str = ""
+    ) -> CompletionResponse | AsyncIterator[str]:
         self.check_model(req.model)
         prompt_ids = await asyncio.to_thread(self._completion_prompt_ids, req)
-        job = self._job(req, request_id, prompt_ids, 16)
+        job = self._job(req, request_id, prompt_ids, 16, caller)
         return await self._respond(job, CompletionFormat(self.tokenizer, self.model_name, job, req), req)
+
+    async def delete_session(self, caller: str, session_id: str) -> SessionDeleted:
+        """Drop the caller's conversation `session_id` at once (another caller's, of the same id, is untouched)."""
+        if not await self.pipeline.trainer.drop_session(SessionRef.of(caller, session_id).key):
+            raise APIError(
+                404, f"No session `{session_id}` for this API key.", param="session_id", code="session_not_found"
+            )
+        return SessionDeleted(id=session_id)
 
     async def _respond(self, job: Job, fmt: ChatFormat | CompletionFormat, req):
         self.pipeline.check(job)  # a part that is down is a 503 now, not after a stream has begun

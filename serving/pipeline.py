@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from adapters.handle import AdapterBlob
 from adapters.spec import TrainRequest, TrainResult, TrainStep
 from adapters.trainer import TrainerBusyError
-from selection.selector import SelectionResult
+from selection.selector import GivenDocument, SelectionResult
 from selection.stopping import StopReason
 from serving.clients import GeneratorAPI, SelectorAPI, TrainerAPI
 from serving.context import fit
@@ -35,6 +35,7 @@ from serving.events import (
     GenerationStarted,
     Merged,
     Selected,
+    SessionOpened,
     Trained,
 )
 from serving.metrics import Metrics
@@ -130,6 +131,11 @@ class Pipeline:
         if not spec.merges and not spec.selects:
             yield AdaptationSkipped(StopReason.DISABLED if not spec.enabled else StopReason.MAX_STEPS)
             return
+        given: tuple[GivenDocument, ...] = ()
+        if spec.session is not None:
+            turn = await self.trainer.session(spec.session.key)
+            given = turn.documents
+            yield SessionOpened(spec.session.id, turn.turn, turn.steps, turn.fresh)
         initial: AdapterBlob | None = None
         if spec.merges:
             try:
@@ -147,7 +153,7 @@ class Pipeline:
             yield AdaptationSkipped(StopReason.MAX_STEPS)
             return
         try:
-            picked, seconds = await self._select(job)
+            picked, seconds = await self._select(job, given)
         except APIError:
             raise
         except Exception:
@@ -164,7 +170,7 @@ class Pipeline:
         if not spec.trains:
             yield AdaptationSkipped(StopReason.MAX_STEPS)
             return
-        if not picked.documents:
+        if not picked.documents and not given:
             lease.take(initial)  # merge+train with nothing to train on: the merge answers
             return
         request = TrainRequest(
@@ -173,6 +179,8 @@ class Pipeline:
             documents_end=picked.stop_reason,
             request_id=job.request_id,
             initial=initial,
+            session=spec.session.key if spec.session is not None else None,
+            picked=tuple(d.given() for d in picked.documents),
         )
         async with aclosing(self._train(request, lease)) as events:
             async for event in events:
@@ -185,9 +193,9 @@ class Pipeline:
         self.metrics.stage("merge", seconds)
         return merged.adapter, Merged(merged.experts, merged.rank, merged.relative_error, seconds)
 
-    async def _select(self, job: Job) -> tuple[SelectionResult, float]:
+    async def _select(self, job: Job, given: tuple[GivenDocument, ...] = ()) -> tuple[SelectionResult, float]:
         started = time.monotonic()
-        picked = await self.selector.select(SelectQuery(job.query, job.spec.selection))
+        picked = await self.selector.select(SelectQuery(job.query, job.spec.selection, given))
         seconds = time.monotonic() - started
         self.metrics.stage("select", seconds)
         return picked, seconds

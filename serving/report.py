@@ -19,9 +19,10 @@ from serving.events import (
     GenerationStarted,
     Merged,
     Selected,
+    SessionOpened,
     Trained,
 )
-from serving.protocol import AdaptationReport, ExpertRef, MergeReport
+from serving.protocol import AdaptationReport, ExpertRef, MergeReport, SessionReport
 
 
 class ReportFold:
@@ -43,6 +44,10 @@ class ReportFold:
         match event:
             case AdaptationSkipped(stop_reason=reason):
                 r.stop_reason = reason
+            case SessionOpened():
+                r.session = SessionReport(
+                    id=event.id, turn=event.turn, carried_steps=event.carried_steps, fresh=event.fresh
+                )
             case Merged():
                 r.merge = merge_report(event)
                 r.adapter = bool(event.experts)
@@ -60,6 +65,8 @@ class ReportFold:
                 r.timings.queue, r.timings.train = event.queue_seconds, event.train_seconds
                 r.stop_reason, r.adapter, r.error = event.stop_reason, event.adapter, event.error
                 r.cached = event.cached
+                if r.session is not None:
+                    r.session.new_steps = event.steps
             case AdaptationFailed(error=error):
                 r.error, r.stop_reason, r.adapter = error, StopReason.ERROR, False
             case Generated():

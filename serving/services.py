@@ -12,6 +12,7 @@ process is always there).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -23,6 +24,7 @@ import numpy as np
 from adapters.cache import AdapterCache, cacheable
 from adapters.cache import key as cache_key
 from adapters.experts import ExpertSet, Merged, NoExpertsError, unavailable
+from adapters.sessions import Session, SessionStore
 from adapters.spec import TrainRequest, TrainResult, TrainStep
 from adapters.trainer import Trainer
 from infra.models import resolve_model
@@ -34,7 +36,7 @@ from selection.selector import SelectionResult, SelectOptions, Selector
 from selection.shards import LocalShard, Shard, ShardedIndex, load_index, shard_dir
 from selection.store import StoredChunk
 from serving.config import Settings
-from serving.contracts import Chunk, GenerateRequest, MergeQuery, Readiness, SelectQuery
+from serving.contracts import Chunk, GenerateRequest, MergeQuery, Readiness, SelectQuery, SessionTurn
 from serving.engines import make_generator
 
 log = logging.getLogger(__name__)
@@ -128,7 +130,7 @@ class SelectorService(InProcess):
         return await future
 
     def _run(self, queries: list[SelectQuery]) -> list[SelectionResult]:
-        return self.selector.select([q.prompt for q in queries], queries[0].options)
+        return self.selector.select([q.prompt for q in queries], queries[0].options, [q.given for q in queries])
 
     def _select_batch(self, batch: list[tuple[SelectQuery, asyncio.Future]]) -> None:
         groups: dict[SelectOptions, list[tuple[SelectQuery, asyncio.Future]]] = {}
@@ -185,13 +187,33 @@ class TrainerService(InProcess):
         self.trainer = Trainer(model_dir(settings), settings.trainer)
         self.cache = AdapterCache(settings.trainer.cache_bytes)
         self._model = str(model_dir(settings))
+        limits = settings.server.sessions
+        self.sessions = SessionStore(limits.ttl_s, limits.max_bytes, limits.max_turns)
 
     async def ready(self) -> Readiness:
         return Readiness(True, "ready")
 
+    async def session(self, key: str) -> SessionTurn:
+        """Where the conversation `key` stands as a turn starts (nothing is reserved: `train` reopens it)."""
+        opened = self.sessions.open(key)
+        if opened.session is None:
+            return SessionTurn(1, (), 0, str(opened.fresh))
+        session = opened.session
+        return SessionTurn(session.turns + 1, session.documents, session.state.steps, None)
+
+    async def drop_session(self, key: str) -> bool:
+        """Delete the conversation `key` now; whether it existed."""
+        return self.sessions.drop(key)
+
     async def train(self, request: TrainRequest) -> AsyncGenerator[TrainStep | TrainResult]:
         """Closing the stream early (a client disconnect) cancels the training within one step. Identical
-        training (`adapters.cache`) is answered from the cache, without steps."""
+        training (`adapters.cache`) is answered from the cache, without steps; a conversation's turn
+        (`request.session`) continues its session's adapter and optimizer and keeps the result."""
+        if request.session is not None:
+            async with aclosing(self._turn(request, request.session)) as items:
+                async for item in items:
+                    yield item
+            return
         name = cache_key(request, self.trainer.config, self._model)
         cached = self.cache.get(request, name)
         if cached is not None:
@@ -202,6 +224,31 @@ class TrainerService(InProcess):
                 if isinstance(item, TrainResult) and cacheable(request, item):
                     self.cache.put(name, item)
                 yield item
+
+    async def _turn(self, request: TrainRequest, key: str) -> AsyncGenerator[TrainStep | TrainResult]:
+        """One turn: resume the session (if it is there), train the new picks, keep the new state (unless the
+        turn was cancelled or diverged: the session then stays as it was)."""
+        session = self.sessions.open(key).session
+        resume = session.state if session is not None else None
+        request = dataclasses.replace(request, resume=resume, keep_state=True)
+        result: TrainResult | None = None
+        if resume is not None and not request.documents:  # nothing new to learn: the session's adapter answers
+            weights = resume.weights
+            result = TrainResult(self.trainer.step.blob(weights), 0, request.documents_end, state=resume)
+        else:
+            async with aclosing(self._train(request)) as items:
+                async for item in items:
+                    if isinstance(item, TrainResult):
+                        result = item
+                    else:
+                        yield item
+        if result is None:
+            return
+        if result.state is not None:
+            documents = (session.documents if session is not None else ()) + request.picked[: result.steps]
+            turns = session.turns + 1 if session is not None else 1
+            self.sessions.save(key, Session(result.state, documents, turns))
+        yield result
 
     async def _train(self, request: TrainRequest) -> AsyncGenerator[TrainStep | TrainResult]:
         loop = asyncio.get_running_loop()

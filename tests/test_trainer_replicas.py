@@ -40,3 +40,26 @@ async def test_two_trainer_replicas_serve_concurrent_adapted_requests(served):
     )
     reports = [a.model_extra["adaptation"] for a in answers]
     assert all(r["adapter"] and r["steps"] == 3 for r in reports), reports
+
+
+async def test_a_conversation_reaches_its_session_on_two_replicas(served):
+    """Ray Serve's multiplexed routing sends every turn of a session to the replica holding its state: 4
+    conversations of 3 turns all continue (with random routing, each later turn would miss half the time)."""
+    client = openai.AsyncOpenAI(base_url=f"{served}/v1", api_key="unused", timeout=120)
+    prompts = ["csv rows", "heap queue", "glob patterns"]
+
+    async def conversation(name: str) -> list[dict]:
+        reports = []
+        for text in prompts:
+            extra = {"adaptation": {"session": name}}
+            done = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": text}], extra_body=extra
+            )
+            reports.append(done.model_extra["adaptation"]["session"])
+        return reports
+
+    chats = await asyncio.gather(*(conversation(f"chat-{i}") for i in range(4)))
+    for reports in chats:
+        assert [r["turn"] for r in reports] == [1, 2, 3], reports
+        assert [r["fresh"] for r in reports] == ["new", None, None]
+        assert reports[2]["carried_steps"] == reports[0]["new_steps"] + reports[1]["new_steps"]

@@ -23,6 +23,8 @@ from serving.protocol.adaptation import (
     PickedRef,
     ProgressEvent,
     SelectedEvent,
+    SessionDeleted,
+    SessionReport,
     StageTimings,
     TrainingEvent,
 )
@@ -71,6 +73,8 @@ __all__ = [
     "ExpertRef",
     "MergedEvent",
     "MergeReport",
+    "SessionDeleted",
+    "SessionReport",
     "PickedRef",
     "AssistantMessage",
     "ChatChoice",

@@ -44,6 +44,14 @@ class AdaptationOptions(_Strict):
     merge_beta: float | None = Field(None, gt=0, le=10, description="merging's kernel width")
     merge_threshold: float | None = Field(None, ge=0, lt=1, description="merging's tau: lighter experts are left out")
     merge_experts: int | None = Field(None, ge=1, description="most experts merged")
+    session: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[\x21-\x7e]+$",
+        description="a conversation's id (printable, no spaces): the adapter trained in its earlier turns carries "
+        "over, and selection conditions on what it was trained on",
+    )
     progress: bool = Field(False, description="stream `merged`, `selected` and per-step events before the first token")
 
 
@@ -80,6 +88,26 @@ class MergeReport(BaseModel):
     relative_error: float = 0.0
 
 
+class SessionReport(BaseModel):
+    """A turn of a conversation (`adaptation.session`): which turn, what carried over, what was new."""
+
+    id: str
+    turn: int = Field(description="1 for a session's first turn")
+    carried_steps: int = Field(0, description="training steps of earlier turns the adapter started from")
+    new_steps: int = Field(0, description="steps this turn trained")
+    fresh: str | None = Field(
+        None, description="why this turn started afresh: new (unknown id), expired, or max_turns; null: continued"
+    )
+
+
+class SessionDeleted(BaseModel):
+    """The answer to `DELETE /v1/adaptation/sessions/{id}`."""
+
+    id: str
+    object: Literal["adaptation.session"] = "adaptation.session"
+    deleted: bool = True
+
+
 class StageTimings(BaseModel):
     """Seconds spent in each stage of the request."""
 
@@ -97,6 +125,7 @@ class AdaptationReport(BaseModel):
     enabled: bool = False
     mode: AdaptationMode = AdaptationMode.TRAIN
     merge: MergeReport | None = Field(None, description="set when the adapter started from a merge of experts")
+    session: SessionReport | None = Field(None, description="set for a turn of a conversation (adaptation.session)")
     documents: list[DocumentRef] = Field(default_factory=list)
     sigma2: list[float] = Field(default_factory=list)
     steps: int = 0
