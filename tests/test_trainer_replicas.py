@@ -51,7 +51,7 @@ async def test_a_conversation_reaches_its_session_on_two_replicas(served):
     async def conversation(name: str) -> list[dict]:
         reports = []
         for text in prompts:
-            extra = {"adaptation": {"session": name}}
+            extra = {"adaptation": {"session": name, "gain_budget": None}}
             done = await client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": text}], extra_body=extra
             )
