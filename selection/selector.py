@@ -155,7 +155,8 @@ class Selector:
         for b, sel in enumerate(selections):
             picks, trace, reason = sel.indices.tolist(), sel.sigma2.tolist(), sel.stop_reason
             if options.gain_budget is not None:
-                granted = budget_steps(trace, options.gain_budget, options.n)
+                whole = float(targets[b] @ targets[b]) if given[b] else None  # before the earlier turns' documents
+                granted = budget_steps(trace, options.gain_budget, options.n, whole)
                 if granted < len(picks):
                     picks, trace, reason = picks[:granted], trace[: granted + 1], StopReason.GAIN_BUDGET
             chunks = self.index.chunks(row_sets[b][picks]) if picks else []

@@ -79,7 +79,7 @@ def stops_before(sigma_n: float | torch.Tensor, n: int, alpha: float) -> bool | 
     return sigma_n > 1.0 / (alpha * n)
 
 
-def budget_steps(sigma2: Sequence[float], tau: float, max_steps: int) -> int:
+def budget_steps(sigma2: Sequence[float], tau: float, max_steps: int, prior: float | None = None) -> int:
     """Steps granted by the gain-budget rule, from the variance trace of the first `max_steps` picks.
 
     The rule predicts a prompt's realised gain from how much of its uncertainty the picks remove in all,
@@ -92,11 +92,15 @@ def budget_steps(sigma2: Sequence[float], tau: float, max_steps: int) -> int:
 
     Unlike the marginal rule (`min_gain`), which stops as soon as the next pick adds little *new*
     information, and so stops soonest on the prompts whose first picks explain them best, this rule gives
-    the most steps to the prompts with the most to learn."""
+    the most steps to the prompts with the most to learn.
+
+    `prior` is the prompt's whole uncertainty where the trace starts after documents already trained on
+    (a conversation's earlier turns): V = (sigma^2_0 - sigma^2_K) / prior, the share of the prompt's
+    uncertainty that the new picks remove, so what earlier turns learned earns no new steps."""
     if len(sigma2) < 2 or sigma2[0] <= 0:
         return 0
     k = min(max_steps, len(sigma2) - 1)
-    total = 1.0 - sigma2[k] / sigma2[0]
+    total = (sigma2[0] - sigma2[k]) / (prior if prior is not None and prior > 0 else sigma2[0])
     if total <= 0:
         return 0
     if tau <= 0:
