@@ -28,18 +28,19 @@ _COMPLETE = (StopReason.MAX_STEPS,)
 def key(request: TrainRequest, config: TrainerConfig, model: str) -> str:
     """The training inputs' identity: equal keys train equal adapters."""
     spec = request.spec
+    steps = min(spec.max_steps, len(request.documents))
     shape = config.model_dump(mode="json", exclude={"device", "max_batch", "max_waiting", "cache_bytes"})
     parts = {
         "model": model,
         "trainer": shape,
-        "steps": min(spec.max_steps, len(request.documents)),
+        "steps": steps,
         "learning_rate": spec.learning_rate,
         "max_train_tokens": spec.max_train_tokens,
         "seed": spec.seed,
         "start": hashlib.sha256(request.initial.weights).hexdigest() if request.initial is not None else None,
     }
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
-    for document in request.documents[: parts["steps"]]:
+    for document in request.documents[:steps]:
         digest.update(hashlib.sha256(document.encode("utf-8")).digest())
     return digest.hexdigest()
 
