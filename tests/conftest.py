@@ -284,3 +284,16 @@ def adapter_loss(model_dir: Path, text: str, adapter=None, max_tokens: int = 256
             model = PeftModel.from_pretrained(model, str(handle.path))
         with torch.no_grad():
             return float(model.eval()(input_ids=ids, labels=ids).loss)
+
+
+def in_process_client(server, api_key: str = "none"):
+    """The official `openai` async client against `server`'s app in this process (no socket)."""
+    import httpx
+    import openai
+
+    from serving.app import create_app
+
+    transport = httpx.ASGITransport(app=create_app(server))
+    return openai.AsyncOpenAI(
+        base_url="http://test/v1", api_key=api_key, http_client=httpx.AsyncClient(transport=transport)
+    )

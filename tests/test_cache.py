@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import httpx
-import openai
 import pytest
 
 from adapters.cache import AdapterCache, cacheable, key
@@ -16,9 +14,8 @@ from adapters.config import TrainerConfig
 from adapters.handle import AdapterBlob
 from adapters.spec import TrainResult
 from selection.stopping import StopReason
-from serving.app import create_app
 from serving.openai_server import local_server
-from tests.conftest import tiny_app_settings, tiny_llama_dir, train_request
+from tests.conftest import in_process_client, tiny_app_settings, tiny_llama_dir, train_request
 
 CONFIG = TrainerConfig()
 DOCS = ("first document", "second document", "third document")
@@ -88,12 +85,9 @@ def server(tmp_path_factory, small_index):
 
 
 async def test_a_repeated_request_skips_training(server):
-    transport = httpx.ASGITransport(app=create_app(server))
     messages = [{"role": "user", "content": "How do I sort a list with a heap?"}]
     extra = {"adaptation": {"gain_budget": None}}
-    async with openai.AsyncOpenAI(
-        base_url="http://test/v1", api_key="none", http_client=httpx.AsyncClient(transport=transport)
-    ) as client:
+    async with in_process_client(server) as client:
         first = await client.chat.completions.create(model="tiny-llama", messages=messages, extra_body=extra)
         again = await client.chat.completions.create(model="tiny-llama", messages=messages, extra_body=extra)
         metrics = (await client._client.get("http://test/metrics")).text

@@ -29,7 +29,7 @@ from adapters.merge import MergeOptions
 from selection.clusters import balanced_clusters, cluster_keys
 from serving.app import create_app
 from serving.openai_server import local_server
-from tests.conftest import tiny_app_settings, tiny_llama_dir
+from tests.conftest import in_process_client, tiny_app_settings, tiny_llama_dir
 
 MODEL = "tiny-llama"
 MESSAGES = [{"role": "user", "content": "How do I read rows from a CSV file?"}]
@@ -178,10 +178,7 @@ def merge_server(expert_index, tiny, tmp_path_factory):
 
 @pytest.fixture()
 async def merge_client(merge_server):
-    transport = httpx.ASGITransport(app=create_app(merge_server))
-    async with openai.AsyncOpenAI(
-        base_url="http://test/v1", api_key="none", http_client=httpx.AsyncClient(transport=transport)
-    ) as c:
+    async with in_process_client(merge_server) as c:
         yield c
 
 

@@ -17,7 +17,7 @@ from adapters.state import SlotState
 from selection.selector import GivenDocument
 from serving.app import create_app
 from serving.openai_server import local_server
-from tests.conftest import tiny_app_settings, tiny_llama_dir
+from tests.conftest import in_process_client, tiny_app_settings, tiny_llama_dir
 
 MODEL = "tiny-llama"
 KEYS = ["key-of-alice-000000", "key-of-bob-11111111"]
@@ -58,9 +58,7 @@ def server(tmp_path_factory, small_index):
 
 
 def client(server, key: str) -> openai.AsyncOpenAI:
-    transport = httpx.ASGITransport(app=create_app(server))
-    http = httpx.AsyncClient(transport=transport)
-    return openai.AsyncOpenAI(base_url="http://test/v1", api_key=key, http_client=http)
+    return in_process_client(server, key)
 
 
 async def turn(c: openai.AsyncOpenAI, text: str, session: str) -> dict:
