@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file
 
-from adapters.handle import CONFIG_FILE, WEIGHTS_FILE, AdapterBlob
+from adapters.handle import CONFIG_FILE, WEIGHTS_FILE, AdapterBlob, lora_scaling
 from adapters.low_rank import truncate
 from adapters.merge import ExpertWeight, MergeOptions, concatenate, expert_weights
 from selection.manifest import IndexManifest
@@ -225,7 +225,7 @@ class ExpertSet:
             raise ValueError(f"{len(experts)} expert directories for {len(keys)} keys")
         stacked: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for expert in experts:
-            scale = _scaling(json.loads((Path(expert) / CONFIG_FILE).read_text()))
+            scale = lora_scaling(json.loads((Path(expert) / CONFIG_FILE).read_text()))
             for name, tensor in sorted(load_file(Path(expert) / WEIGHTS_FILE).items()):
                 module, part = name.split(".lora_", 1)
                 a, b = stacked.setdefault(module, ([], []))
@@ -236,13 +236,10 @@ class ExpertSet:
         config = json.loads((Path(experts[0]) / CONFIG_FILE).read_text())
         return cls(keys, config, {m: (torch.stack(a), torch.stack(b)) for m, (a, b) in stacked.items()})
 
-    def weights(self, query: np.ndarray, options: MergeOptions) -> list[ExpertWeight]:
-        return expert_weights(query, self.keys, options)
-
     def merge(self, query: np.ndarray, options: MergeOptions) -> Merged:
         """The adapter for a prompt embedded as `query`: its experts' deltas summed (`adapters.merge`), cut
         to `options.rank` through the factors when their ranks add up to more."""
-        chosen = self.weights(query, options)
+        chosen = expert_weights(query, self.keys, options)
         if not chosen:
             return Merged(None, (), 0, 0.0)
         index = torch.tensor([c.expert for c in chosen])
@@ -257,8 +254,3 @@ class ExpertSet:
         config = {**self._config, "r": rank, "lora_alpha": rank}  # scaling 1: the weights are in B
         error = (dropped / total) ** 0.5 if total > 0 else 0.0
         return Merged(AdapterBlob.of(tensors, json.dumps(config, indent=2, sort_keys=True)), tuple(chosen), rank, error)
-
-
-def _scaling(config: dict) -> float:
-    """A PEFT LoRA's s = lora_alpha / r."""
-    return float(config["lora_alpha"]) / float(config["r"])

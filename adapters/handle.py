@@ -91,6 +91,11 @@ def _remove_owned() -> None:
         remove_adapter_dir(path)
 
 
+def lora_scaling(config: dict) -> float:
+    """A PEFT LoRA's s = lora_alpha / r, from its adapter_config.json."""
+    return float(config["lora_alpha"]) / float(config["r"])
+
+
 @dataclass
 class AdapterHandle:
     """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) and its unique name."""
@@ -129,8 +134,7 @@ class AdapterBlob:
     @property
     def scaling(self) -> float:
         """s = lora_alpha / r: the delta is s B A."""
-        config = json.loads(self.config_json)
-        return float(config["lora_alpha"]) / float(config["r"])
+        return lora_scaling(json.loads(self.config_json))
 
     def write(self, root: Path) -> AdapterHandle:
         """The adapter as a PEFT directory under `root` on this node; the handle owns (and deletes) it."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from adapters.cache import AdapterCache, cacheable
 from adapters.cache import key as cache_key
-from adapters.experts import ExpertSet, Merged, NoExpertsError, unavailable
+from adapters.experts import ExpertSet, ExpertsMismatchError, Merged, NoExpertsError, unavailable
 from adapters.sessions import Session, SessionStore
 from adapters.spec import TrainRequest, TrainResult, TrainStep
 from adapters.trainer import Trainer
@@ -53,11 +53,11 @@ def experts_unavailable(settings: Settings) -> str | None:
 
 def load_experts(settings: Settings) -> ExpertSet | None:
     """The served index's experts, or None (with the reason logged) when it has none that fit."""
-    reason = experts_unavailable(settings)
-    if reason is not None:
-        log.info("merging is off: %s", reason)
+    try:
+        return ExpertSet.load(index_dir(settings), model_dir(settings))
+    except (NoExpertsError, ExpertsMismatchError) as exc:
+        log.info("merging is off: %s", exc)
         return None
-    return ExpertSet.load(index_dir(settings), model_dir(settings))
 
 
 def model_dir(settings: Settings) -> Path:
@@ -233,8 +233,7 @@ class TrainerService(InProcess):
         request = dataclasses.replace(request, resume=resume, keep_state=True)
         result: TrainResult | None = None
         if resume is not None and not request.documents:  # nothing new to learn: the session's adapter answers
-            weights = resume.weights
-            result = TrainResult(self.trainer.step.blob(weights), 0, request.documents_end, state=resume)
+            result = TrainResult(self.trainer.step.blob(resume.weights), 0, request.documents_end, state=resume)
         else:
             async with aclosing(self._train(request)) as items:
                 async for item in items:
