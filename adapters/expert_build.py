@@ -5,8 +5,7 @@ Clusters are balanced bisecting k-means over the index's embeddings (`selection.
 is its cluster's normalised mean embedding. Each expert is one request to the same `Trainer` that serves
 prompts (so experts train batched, `max_batch` at a time): `steps` steps, one document per step, the
 cluster's documents in a seeded shuffle (repeated when the cluster has fewer than `steps`), expert k's
-adapter initialised from seed + k. An expert is
-written the moment it finishes (to a temporary directory, then renamed), so an interrupted build resumes
+adapter initialised from seed + k. An expert is written the moment it finishes (to a temporary directory, then renamed), so an interrupted build resumes
 where it stopped; a build over experts of another index, model or plan is refused unless `overwrite`.
 """
 
@@ -78,7 +77,8 @@ def build_experts(
         )
     directory = experts_dir(index_dir)
     manifest = _prepare(directory, index_manifest, model_dir, plan, overwrite)
-    todo = [k for k in range(plan.experts) if k not in set(finished(directory, manifest))]
+    done = set(finished(directory, manifest))
+    todo = [k for k in range(plan.experts) if k not in done]
     if not todo:
         log.info("all %d experts of %s are built", plan.experts, index_dir)
         return directory
