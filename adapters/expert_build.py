@@ -5,8 +5,9 @@ Clusters are balanced bisecting k-means over the index's embeddings (`selection.
 is its cluster's normalised mean embedding. Each expert is one request to the same `Trainer` that serves
 prompts (so experts train batched, `max_batch` at a time): `steps` steps, one document per step, the
 cluster's documents in a seeded shuffle (repeated when the cluster has fewer than `steps`), expert k's
-adapter initialised from seed + k. An expert is written the moment it finishes (to a temporary directory, then renamed), so an interrupted build resumes
-where it stopped; a build over experts of another index, model or plan is refused unless `overwrite`.
+adapter initialised from seed + k. An expert is written the moment it finishes (to a temporary directory,
+then renamed), so an interrupted build resumes where it stopped; a build over experts of another index,
+model or plan is refused unless `overwrite`.
 """
 
 from __future__ import annotations
