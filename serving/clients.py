@@ -148,8 +148,8 @@ class SelectorHandle(HandleClient):
 
 
 class TrainerHandle(HandleClient):
-    """Calls about a conversation carry its key as Ray Serve's multiplexed model id, so its turns reach the
-    replica that holds its state (Serve routes an id to a replica that has served it)."""
+    """Calls about a conversation carry its key as the call's multiplexed model id, the key by which
+    `serving.session_router` sends all of them to the one replica that holds its state."""
 
     def train(self, request: TrainRequest) -> AsyncGenerator[TrainStep | TrainResult]:
         self.check()

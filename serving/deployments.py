@@ -10,8 +10,6 @@ returns the bound application; `app_builder` is the entry point for `serve run` 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
 from typing import Any
 
 from fastapi import FastAPI
@@ -19,17 +17,16 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
-from adapters.spec import TrainRequest, TrainResult, TrainStep
 from selection.manifest import IndexManifest
 from serving.app import create_app
 from serving.availability import ServeAvailability
 from serving.clients import GeneratorHandle, SelectorHandle, ShardClient, TrainerHandle
 from serving.config import Resources, Settings
-from serving.contracts import SessionTurn
 from serving.engines import SamplingDefaults, context_length
 from serving.metrics import RayMetrics
 from serving.openai_server import OpenAIServer
 from serving.services import GeneratorService, SelectorService, ShardService, TrainerService, index_dir, model_dir
+from serving.session_router import ROUTER_CLASS
 
 log = logging.getLogger(__name__)
 
@@ -81,37 +78,8 @@ class ShardedSelector(SelectorService):
         super().__init__(settings, [ShardClient(handle, timeout) for handle in shards])
 
 
-SESSION_IDS = 100_000
-"""Session keys one Trainer replica registers for routing (the session store's own limits bound the state)."""
-
-
-class SessionTrainer(TrainerService):
-    """The Trainer deployment. A conversation's calls carry its key as Ray Serve's multiplexed model id;
-    registering the id here tells Serve's router that this replica holds the session, so the conversation's
-    later turns are routed back to it (the state never moves between replicas)."""
-
-    @serve.multiplexed(max_num_models_per_replica=SESSION_IDS)
-    async def _hold(self, key: str) -> str:
-        return key
-
-    async def _route(self) -> None:
-        key = serve.get_multiplexed_model_id()
-        if key:
-            await self._hold(key)
-
-    async def session(self, key: str) -> SessionTurn:
-        await self._route()
-        return await super().session(key)
-
-    async def drop_session(self, key: str) -> bool:
-        await self._route()
-        return await super().drop_session(key)
-
-    async def train(self, request: TrainRequest) -> AsyncGenerator[TrainStep | TrainResult]:
-        await self._route()
-        async with aclosing(super().train(request)) as items:
-            async for item in items:
-                yield item
+ROUTERS = {"Trainer": ROUTER_CLASS}
+"""Deployments routed by our own router rather than Serve's default: the Trainer, by conversation."""
 
 
 def deployment_options(resources: Resources, name: str) -> dict[str, Any]:
@@ -125,6 +93,8 @@ def deployment_options(resources: Resources, name: str) -> dict[str, Any]:
         "max_queued_requests": resources.max_queued_requests,
         "ray_actor_options": actor,
     }
+    if name in ROUTERS:
+        options["request_router_config"] = {"request_router_class": ROUTERS[name]}
     if resources.autoscaling is not None:
         options["autoscaling_config"] = resources.autoscaling.model_dump()
     else:
@@ -149,7 +119,7 @@ def build(settings: Settings) -> serve.Application:
         selector = serve.deployment(ShardedSelector).options(**selector_options).bind(settings, shards)
     else:
         selector = serve.deployment(SelectorService).options(**selector_options).bind(settings)
-    trainer = serve.deployment(SessionTrainer).options(**deployment_options(s.trainer, "Trainer")).bind(settings)
+    trainer = serve.deployment(TrainerService).options(**deployment_options(s.trainer, "Trainer")).bind(settings)
     generator = (
         serve.deployment(GeneratorService)
         .options(**deployment_options(s.generator, "Generator"))

@@ -43,8 +43,9 @@ async def test_two_trainer_replicas_serve_concurrent_adapted_requests(served):
 
 
 async def test_a_conversation_reaches_its_session_on_two_replicas(served):
-    """Ray Serve's multiplexed routing sends every turn of a session to the replica holding its state: 4
-    conversations of 3 turns all continue (with random routing, each later turn would miss half the time)."""
+    """The Trainer's session router sends every turn of a session to the replica holding its state: 4
+    conversations of 3 turns, run at once, all continue (with random routing, each later turn would miss half
+    the time; with Serve's multiplexed routing, a quick second turn could miss too, as it did in CI)."""
     client = openai.AsyncOpenAI(base_url=f"{served}/v1", api_key="unused", timeout=120)
     prompts = ["csv rows", "heap queue", "glob patterns"]
 
