@@ -154,6 +154,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def uvicorn_thread(app: object) -> Iterator[str]:
+    """Serve an ASGI app over real HTTP (uvicorn on a thread, a free port) and yield its root URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
 @dataclass(frozen=True)
 class Served:
     """A running application: its HTTP root and Ray's Prometheus export (where its metrics are)."""

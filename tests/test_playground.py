@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from serving.app import create_app
-from tests.conftest import free_port, tiny_app_settings, tiny_llama_dir
+from tests.conftest import tiny_app_settings, tiny_llama_dir, uvicorn_thread
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -31,8 +30,6 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory, small_index, default_model_dir):
-    import uvicorn
-
     from selection.build import default_index_dir
     from serving.config import Settings
     from serving.openai_server import local_server
@@ -49,15 +46,8 @@ def url(tmp_path_factory, small_index, default_model_dir):
     else:
         tiny = tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "tiny-llama")
         settings = tiny_app_settings(tiny, small_index.directory, adaptation=adaptation, generator=generator)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(local_server(settings)), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with uvicorn_thread(create_app(local_server(settings))) as root:
+        yield root
 
 
 @pytest.fixture(scope="module")

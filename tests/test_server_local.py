@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from serving.app import create_app
+from tests.conftest import uvicorn_thread
 from tests.local_app import (  # noqa: F401  (fixtures)
     MESSAGES,
     MODEL,
@@ -225,23 +226,8 @@ async def test_sampling_extensions_reach_the_engine(client):
 
 @pytest.fixture(scope="module")
 def live(server):
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    served = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=served.run, daemon=True)
-    thread.start()
-    while not served.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    served.should_exit = True
-    thread.join(10)
+    with uvicorn_thread(create_app(server)) as url:
+        yield url
 
 
 async def eventually_clean(server, seconds: float = 20) -> None:
