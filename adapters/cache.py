@@ -15,9 +15,9 @@ import dataclasses
 import hashlib
 import json
 import threading
-from collections import OrderedDict
 
 from adapters.config import TrainerConfig
+from adapters.lru import ByteLRU
 from adapters.spec import TrainRequest, TrainResult
 from selection.stopping import StopReason
 
@@ -50,13 +50,15 @@ def cacheable(request: TrainRequest, result: TrainResult) -> bool:
     return result.adapter is not None and result.stop_reason in (*_COMPLETE, request.documents_end)
 
 
+def _adapter_bytes(result: TrainResult) -> int:
+    return len(result.adapter.weights) if result.adapter is not None else 0
+
+
 class AdapterCache:
     """Finished training results by `key`, within `max_bytes` of adapter weights (thread-safe)."""
 
     def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, TrainResult] = OrderedDict()
-        self._bytes = 0
+        self._entries: ByteLRU[TrainResult] = ByteLRU(max_bytes, _adapter_bytes)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -64,16 +66,15 @@ class AdapterCache:
 
     @property
     def bytes(self) -> int:
-        return self._bytes
+        return self._entries.bytes
 
     def get(self, request: TrainRequest, name: str) -> TrainResult | None:
         """The cached result for `name` (a `key`), as `request` would have ended: no queue or training time,
         `cached` set, the request's own stop reason when it ran out of documents."""
         with self._lock:
             found = self._entries.get(name)
-            if found is None:
-                return None
-            self._entries.move_to_end(name)
+        if found is None:
+            return None
         ran_out = found.steps >= len(request.documents)
         reason = request.documents_end if ran_out else StopReason.MAX_STEPS
         return dataclasses.replace(
@@ -82,15 +83,7 @@ class AdapterCache:
 
     def put(self, name: str, result: TrainResult) -> None:
         """Keep `result` (its adapter's bytes count against the budget); evict the least recently used."""
-        size = len(result.adapter.weights) if result.adapter is not None else 0
-        if size == 0 or size > self.max_bytes:
+        if _adapter_bytes(result) == 0:
             return
         with self._lock:
-            if name in self._entries:
-                self._entries.move_to_end(name)
-                return
-            self._entries[name] = result
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= len(evicted.adapter.weights) if evicted.adapter is not None else 0
+            self._entries.put(name, result)

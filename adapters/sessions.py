@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from adapters.lru import ByteLRU
 from adapters.state import SlotState
 from selection.selector import GivenDocument
 
@@ -57,9 +57,8 @@ class SessionStore:
     def __init__(
         self, ttl_s: float, max_bytes: int, max_turns: int, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.ttl_s, self.max_bytes, self.max_turns, self.clock = ttl_s, max_bytes, max_turns, clock
-        self._sessions: OrderedDict[str, tuple[Session, float]] = OrderedDict()
-        self._bytes = 0
+        self.ttl_s, self.max_turns, self.clock = ttl_s, max_turns, clock
+        self._sessions: ByteLRU[tuple[Session, float]] = ByteLRU(max_bytes, lambda entry: entry[0].state.nbytes)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -67,7 +66,7 @@ class SessionStore:
 
     @property
     def bytes(self) -> int:
-        return self._bytes
+        return self._sessions.bytes
 
     def open(self, key: str) -> Opened:
         """The session to continue for `key`, or why the turn starts fresh (every expired session goes)."""
@@ -79,36 +78,22 @@ class SessionStore:
                 return Opened(None, Fresh.EXPIRED if expired else Fresh.NEW)
             session, _ = found
             if session.turns >= self.max_turns:
-                self._remove(key)
+                self._sessions.pop(key)
                 return Opened(None, Fresh.MAX_TURNS)
-            self._sessions.move_to_end(key)
             return Opened(session)
 
     def save(self, key: str, session: Session) -> None:
         """Keep `session` under `key` (replacing what was there); evict the least recently used over budget.
         A state larger than the whole budget is not kept."""
-        size = session.state.nbytes
         with self._lock:
-            self._remove(key)
-            if size > self.max_bytes:
-                return
-            self._sessions[key] = (session, self.clock())
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                self._remove(next(iter(self._sessions)))
+            self._sessions.put(key, (session, self.clock()))
 
     def drop(self, key: str) -> bool:
         """Delete `key`'s session now; whether there was one."""
         with self._lock:
-            return self._remove(key)
+            return self._sessions.pop(key) is not None
 
     def _expire(self) -> None:
         now = self.clock()
         for key in [k for k, (_, used) in self._sessions.items() if now - used > self.ttl_s]:
-            self._remove(key)
-
-    def _remove(self, key: str) -> bool:
-        found = self._sessions.pop(key, None)
-        if found is not None:
-            self._bytes -= found[0].state.nbytes
-        return found is not None
+            self._sessions.pop(key)
